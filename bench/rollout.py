@@ -1,0 +1,103 @@
+"""Rollout benchmark: lockstep vs draft-verify vs the floor, measured side by side in one run.
+
+    python bench/rollout.py [--config deploy/configs/embedded.yaml] [--prompts 32] [--new-tokens 256]
+
+For SWITCH and AdaSwitch on the same prompts: wall time of lockstep, of draft-verify, of a
+student-only rollout and of one teacher scoring pass over the student's tokens. Prints
+draft-verify / lockstep, draft-verify / (student-only + teacher scoring) = "the floor", the
+coordinator's own CPU time as a share of the rollout's wall time, and round trips per sequence.
+Figures only: nothing here asserts a time.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+
+def timed(fn):
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="deploy/configs/embedded.yaml")
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=2, help="timed repeats per measurement (best is kept)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+
+    import ray
+
+    from orchestrator.config import load_config
+    from orchestrator.data import load_split
+    from orchestrator.embedded import ensure_embedded
+    from orchestrator.models import check_pair
+    from orchestrator.rollout import Rollout, run_rollout
+    from services.model_service import raise_errors
+    from services.pool import start_service
+
+    cfg = load_config(args.config, [*args.overrides, f"rollout.max_new_tokens={args.new_tokens}"])
+    ensure_embedded(cfg)
+    tokenizer = check_pair(cfg.models.teacher, cfg.models.student)
+    examples = load_split(cfg.data, cfg.data.eval_split, tokenizer)
+    prompts = [examples.prompt_ids[i % len(examples)] for i in range(args.prompts)]
+    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR")
+    eos = tokenizer.eos_token_id
+    teacher = start_service("teacher", cfg.models.teacher, cfg.services.teacher, eos, cfg.seed)
+    student = start_service("student", cfg.models.student, cfg.services.student, eos, cfg.seed)
+    max_model_len = min(cfg.services.teacher.max_model_len, cfg.services.student.max_model_len)
+    k, rows = cfg.rollout.top_k, np.arange(len(prompts))
+    print(f"{len(prompts)} prompts x {args.new_tokens} new tokens, k={k}, "
+          f"student T={cfg.rollout.student_temperature}, teacher T={cfg.rollout.teacher_temperature}")
+
+    def best(fn):
+        runs = [timed(fn) for _ in range(args.repeats)]
+        return min(runs, key=lambda r: r[1])
+
+    # The floor: the student writes everything, the teacher scores it once.
+    def student_only():
+        out = student.generate(prompts, args.new_tokens, k, cfg.rollout.student_temperature,
+                               seeds=rows.tolist()).result()
+        raise_errors(out)
+        return out
+
+    student_out, student_s, _ = best(student_only)
+    sequences = [p + student_out.tokens[i, : student_out.lengths[i]].tolist() for i, p in enumerate(prompts)]
+    starts = [len(p) for p in prompts]
+    _, score_s, _ = best(lambda: teacher.score(sequences, starts, k).result())
+    floor = student_s + score_s
+    tokens = int(student_out.lengths.sum())
+    print(f"floor: student-only {student_s:.2f}s ({tokens / student_s:.0f} tok/s) + teacher scoring {score_s:.2f}s "
+          f"= {floor:.2f}s")
+
+    for policy in ("switch", "adaswitch"):
+        results = {}
+        for strategy in ("lockstep", "draft_verify"):
+            cfg_run = load_config(args.config, [*args.overrides, f"policy.name={policy}",
+                                                f"rollout.strategy={strategy}",
+                                                f"rollout.max_new_tokens={args.new_tokens}"])
+            ro = Rollout(cfg_run.policy, cfg_run.rollout, teacher, student, eos, max_model_len)
+            repeats = 1 if strategy == "lockstep" else args.repeats  # lockstep is the slow reference
+            runs = [timed(lambda: run_rollout(ro, prompts, None, rows, cfg.seed, 0)) for _ in range(repeats)]
+            results[strategy] = min(runs, key=lambda r: r[1])
+        dv_batch, dv_s, dv_cpu = results["draft_verify"]
+        _, lock_s, lock_cpu = results["lockstep"]
+        s = dv_batch.stats
+        trips = (s["teacher_calls"] + s["student_calls"]).mean()
+        print(f"\n{policy}: teacher-token fraction {s['teacher_fraction'].mean():.3f}, "
+              f"switched {s['switched'].mean():.2f}, response length {s['response_length'].mean():.0f}")
+        print(f"  lockstep      {lock_s:8.2f}s   coordinator CPU {lock_cpu / lock_s:6.1%}")
+        print(f"  draft-verify  {dv_s:8.2f}s   coordinator CPU {dv_cpu / dv_s:6.1%}   "
+              f"round trips/seq {trips:.2f} (teacher {s['teacher_calls'].mean():.2f}, student {s['student_calls'].mean():.2f})")
+        print(f"  draft-verify / lockstep = {dv_s / lock_s:.3f}  (speed-up {lock_s / dv_s:.1f}x)")
+        print(f"  draft-verify / floor    = {dv_s / floor:.3f}")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

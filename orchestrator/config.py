@@ -1,0 +1,306 @@
+"""One typed config describes a whole run; YAML in, dotted overrides on top, checked at load.
+
+    cfg = load_config("deploy/configs/embedded.yaml", ["policy.name=adaswitch", "learner.lr=3e-5"])
+
+Errors name the file, the dotted field and what is allowed, e.g.
+``deploy/configs/embedded.yaml: policy.name: 'swich' is not one of on_policy, teacher, ...``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+
+from services.config import EngineConfig
+from trainer.config import LearnerConfig, LossConfig
+
+PolicyName = Literal["on_policy", "teacher", "ground_truth", "mixed", "skd", "switch", "adaswitch"]
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot describe a run; the message names the field."""
+
+
+@dataclass
+class ModelsConfig:
+    # Any Hugging Face causal LM directory (or hub name on a cluster that reaches the hub).
+    teacher: str = "artifacts/embedded/full/teacher"
+    student: str = "artifacts/embedded/full/student"
+    # Build the embedded default (tokenizer, data, tiny teacher and student) first: "full",
+    # "fast", or null when the models and data above come from elsewhere. Cached.
+    build_embedded: Literal["full", "fast"] | None = "full"
+    embedded_dir: str = "artifacts/embedded"
+
+
+@dataclass
+class DataConfig:
+    # `datasets.load_dataset(path, data_files=...)`: "json"/"parquet" with local files below,
+    # or a hub dataset name (then data_files stays empty and the splits are the hub's).
+    path: str = "json"
+    data_files: dict[str, str] = field(
+        default_factory=lambda: {
+            "train": "artifacts/embedded/full/data/train.jsonl",
+            "validation": "artifacts/embedded/full/data/validation.jsonl",
+            "test": "artifacts/embedded/full/data/test.jsonl",
+        }
+    )
+    train_split: str = "train"
+    eval_split: str = "validation"
+    test_split: str = "test"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    answer_field: str = "answer"
+    # Prompts are wrapped in the tokenizer's chat template when it has one.
+    use_chat_template: bool = True
+    max_prompt_tokens: int = 256
+    # A prompt longer than max_prompt_tokens is skipped (and counted) or cut from the left.
+    long_prompt: Literal["skip", "truncate"] = "skip"
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens: must be >= 1, got {self.max_prompt_tokens}")
+
+
+@dataclass
+class MixedPolicy:
+    student_prob: float = 0.5  # GKD's λ: a sequence is the student's with this probability
+
+
+@dataclass
+class SkdPolicy:
+    top_k: int = 25  # the student's token stands if it is in the teacher's top-K
+
+
+@dataclass
+class SwitchPolicy:
+    # Teacher iff JSD(p_t, q_t) > tau0·exp(−decay·t). JSD here is a top-k estimate in nats
+    # (at most ln 2 ≈ 0.693); README says how these defaults were picked.
+    tau0: float = 0.2
+    decay: float = 0.005
+
+
+@dataclass
+class AdaSwitchPolicy:
+    # Teacher from the first t with KL_t > factor · mean(KL over the previous `window` steps).
+    window: int = 8
+    factor: float = 3.0
+
+
+@dataclass
+class PolicyConfig:
+    name: PolicyName = "switch"
+    mixed: MixedPolicy = field(default_factory=MixedPolicy)
+    skd: SkdPolicy = field(default_factory=SkdPolicy)
+    switch: SwitchPolicy = field(default_factory=SwitchPolicy)
+    adaswitch: AdaSwitchPolicy = field(default_factory=AdaSwitchPolicy)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.mixed.student_prob <= 1:
+            raise ValueError(f"mixed.student_prob: must be in [0, 1], got {self.mixed.student_prob}")
+        if self.skd.top_k < 1:
+            raise ValueError(f"skd.top_k: must be >= 1, got {self.skd.top_k}")
+        if self.switch.tau0 < 0 or self.switch.decay < 0:
+            raise ValueError("switch.tau0 / switch.decay: must be >= 0")
+        if self.adaswitch.window < 1 or self.adaswitch.factor <= 0:
+            raise ValueError("adaswitch.window: must be >= 1; adaswitch.factor: must be > 0")
+
+
+@dataclass
+class RolloutConfig:
+    strategy: Literal["lockstep", "draft_verify"] = "draft_verify"
+    top_k: int = 20  # entries of each model's top-k exchanged per position
+    prompts_per_step: int = 32
+    max_new_tokens: int = 256
+    max_draft_tokens: int | None = None  # None: draft to the end of the sequence
+    student_temperature: float = 1.0  # 0 = greedy
+    teacher_temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "prompts_per_step", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_draft_tokens is not None and self.max_draft_tokens < 1:
+            raise ValueError(f"max_draft_tokens: must be >= 1 or null, got {self.max_draft_tokens}")
+        if self.student_temperature < 0 or self.teacher_temperature < 0:
+            raise ValueError("student_temperature / teacher_temperature: must be >= 0")
+
+
+@dataclass
+class ServicesConfig:
+    teacher: EngineConfig = field(default_factory=EngineConfig)
+    student: EngineConfig = field(default_factory=EngineConfig)
+
+
+@dataclass
+class ScheduleConfig:
+    steps: int = 20
+    eval_every: int = 10
+    checkpoint_every: int = 10
+    push_every: int = 1  # push learner weights to the student service every N steps
+    eval_examples: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "eval_every", "checkpoint_every", "push_every", "eval_examples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: the cluster a job was submitted to, else a local one
+    # Loopback unless a person says otherwise: a Ray head on 0.0.0.0 is open to the network.
+    host: str = "127.0.0.1"
+    dashboard: bool = True  # Ray's dashboard (and its metrics endpoint) on `host`
+    # Logical CPUs of a local Ray (not used when joining a cluster). None: enough for every
+    # engine replica and learner rank the config asks for, and at least the machine's cores.
+    num_cpus: int | None = None
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/embedded"
+    seed: int = 0
+    resume: bool = True
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    services: ServicesConfig = field(default_factory=ServicesConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        if self.policy.name == "skd" and self.policy.skd.top_k > self.rollout.top_k:
+            raise ValueError(
+                f"policy.skd.top_k: {self.policy.skd.top_k} exceeds rollout.top_k={self.rollout.top_k}; "
+                "the teacher must list at least K ids"
+            )
+        # vLLM refuses a request for more logprobs than the engine was started with.
+        for engine in (self.services.teacher, self.services.student):
+            engine.max_logprobs = max(engine.max_logprobs, self.rollout.top_k)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read ``path`` (YAML; None = all defaults), apply ``key.sub=value`` overrides, validate."""
+    source = str(path) if path is not None else "<defaults>"
+    data: Any = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: config file not found") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r}: expected dotted.key=value")
+        _set_dotted(data, key.strip().split("."), yaml.safe_load(raw), override)
+    return from_dict(RunConfig, data, source)
+
+
+def from_dict(cls: type, data: Any, source: str = "<dict>", prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from plain data, checking every key and type against it."""
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where}: expected a mapping, got {type(data).__name__} {data!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            hint = difflib.get_close_matches(str(key), known, n=1)
+            suggestion = f" (did you mean {prefix}{hint[0]}?)" if hint else ""
+            raise ConfigError(
+                f"{source}: unknown key {prefix}{key}{suggestion}; {where} takes {', '.join(sorted(known))}"
+            )
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _convert(hints[name], value, source, f"{prefix}{name}") for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{source}: {prefix}{err}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _convert(tp: Any, value: Any, source: str, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, source, f"{name}.")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if isinstance(value, bool) or value not in allowed:  # True == 1, so bools are refused first
+            raise ConfigError(f"{source}: {name}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise ConfigError(f"{source}: {name}: may not be null")
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, source, name)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[-1])
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {name}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin is list or tp is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {name}: expected a list, got {value!r}")
+        return list(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {name}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {name}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {name}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {name}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"config field {name} has a type the loader does not handle: {tp!r}")
+
+
+def _set_dotted(data: dict, keys: list[str], value: Any, override: str) -> None:
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {key} is a value, not a section")
+        node = child
+    node[keys[-1]] = value

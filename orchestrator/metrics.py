@@ -1,0 +1,128 @@
+"""What operators watch: one record per step, as a JSONL line and on Ray's Prometheus endpoint.
+
+Every record is a flat dict of numbers (``step_record``); ``RunMetrics.log`` writes it to
+``<run_dir>/metrics.jsonl`` and sets the Ray metrics of the same names (``switchkd_<name>``,
+tagged with the policy), which Ray's metrics agent serves to Prometheus and the Grafana
+dashboard in deploy/ reads.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from services.protocol import MixedBatch
+
+# Gauges set from every step record, by the record's key.
+GAUGES = {
+    "teacher_fraction": "Share of response tokens written by the teacher (the switch rate)",
+    "switched_fraction": "Share of sequences in which the teacher wrote at least one token",
+    "first_switch_mean": "Mean response position of the first teacher token, over sequences that switched",
+    "divergence_mean": "Mean divergence the policy compared (JSD for switch, KL for adaswitch)",
+    "divergence_p90": "90th percentile of the per-sequence mean divergence",
+    "round_trips_per_sequence": "Service calls per sequence in the rollout (teacher + student)",
+    "rollout_tokens_per_second": "Response tokens produced per second of rollout",
+    "response_length_mean": "Mean response length in tokens",
+    "loss": "Learner loss (mean over response tokens)",
+    "grad_norm": "Learner gradient norm before clipping",
+    "train_tokens_per_second": "Tokens per second through the learner",
+    "weight_version": "Student weight version served by the rollout worker",
+    "policy_lag": "Steps between the weights that rolled a batch out and the weights it trains",
+    "eval_exact_match": "Exact match of the final answer on the held-out split (student, greedy)",
+    "eval_rouge_l": "Rouge-L F1 on the held-out split (student, greedy)",
+    "step": "Training step",
+}
+# Per-stage wall time, one gauge with a `stage` tag.
+STAGES = ("rollout", "train", "push", "eval", "checkpoint", "startup")
+FIRST_SWITCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+
+
+def rollout_record(batch: MixedBatch, rollout_seconds: float) -> dict:
+    """Switch statistics of one rollout batch."""
+    s = batch.stats
+    switched = s["switched"]
+    divergence = s["divergence_mean"][np.isfinite(s["divergence_mean"])]
+    tokens = int(batch.response_lengths.sum())
+    weights = np.maximum(batch.response_lengths, 1)
+    return {
+        "teacher_fraction": float((s["teacher_fraction"] * weights).sum() / weights.sum()),
+        "switched_fraction": float(switched.mean()),
+        "first_switch_mean": float(s["first_switch"][switched].mean()) if switched.any() else math.nan,
+        "first_switch_positions": s["first_switch"][switched].tolist(),
+        "divergence_mean": float(divergence.mean()) if divergence.size else math.nan,
+        "divergence_p90": float(np.percentile(divergence, 90)) if divergence.size else math.nan,
+        "round_trips_per_sequence": float((s["teacher_calls"] + s["student_calls"]).mean()),
+        "response_length_mean": float(batch.response_lengths.mean()),
+        "rollout_tokens": tokens,
+        "rollout_tokens_per_second": tokens / max(rollout_seconds, 1e-9),
+    }
+
+
+class RunMetrics:
+    def __init__(self, run_dir: Path, policy: str, export_to_ray: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.policy = policy
+        self._gauges, self._stage, self._first_switch, self._events = {}, None, None, None
+        if export_to_ray:
+            self._make_ray_metrics()
+
+    def _make_ray_metrics(self) -> None:
+        import ray
+        from ray.util.metrics import Counter, Gauge, Histogram
+
+        if not ray.is_initialized():
+            return
+        tags = ("policy",)
+        self._gauges = {name: Gauge(f"switchkd_{name}", description, tag_keys=tags) for name, description in GAUGES.items()}
+        self._stage = Gauge("switchkd_stage_seconds", "Wall time of each stage of the last step", tag_keys=("policy", "stage"))
+        self._first_switch = Histogram("switchkd_first_switch_position", "Response position of the first teacher token",
+                                       boundaries=FIRST_SWITCH_BOUNDARIES, tag_keys=tags)
+        self._replica = Gauge("switchkd_teacher_replica_calls", "Calls served by each teacher replica",
+                              tag_keys=("policy", "replica"))
+        self._events = Counter("switchkd_events", "Faults and recoveries (restarts, retries)", tag_keys=("policy", "event"))
+
+    def log(self, record: dict) -> None:
+        """Append ``record`` to metrics.jsonl and export its numbers to Ray."""
+        with self.path.open("a") as f:
+            f.write(json.dumps(_jsonable(record)) + "\n")
+        tags = {"policy": self.policy}
+        for name, gauge in self._gauges.items():
+            value = record.get(name)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                gauge.set(float(value), tags=tags)
+        if self._stage is not None:
+            for stage in STAGES:
+                if f"{stage}_seconds" in record:
+                    self._stage.set(float(record[f"{stage}_seconds"]), tags={**tags, "stage": stage})
+            for position in record.get("first_switch_positions", []):
+                self._first_switch.observe(float(position), tags=tags)
+            for replica, calls in enumerate(record.get("teacher_replica_calls", [])):
+                self._replica.set(float(calls), tags={**tags, "replica": str(replica)})
+
+    def event(self, name: str, detail: dict | None = None) -> None:
+        """A fault or recovery: counted on Ray and written to the JSONL log."""
+        if self._events is not None:
+            self._events.inc(1.0, tags={"policy": self.policy, "event": name})
+        with self.path.open("a") as f:
+            f.write(json.dumps({"event": name, **_jsonable(detail or {})}) + "\n")
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _jsonable(record: dict) -> dict:
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, np.generic):
+            value = value.item()
+        if isinstance(value, float) and not math.isfinite(value):
+            value = None
+        out[key] = value
+    return out

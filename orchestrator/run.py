@@ -1,0 +1,193 @@
+"""The switchkd run: rollout -> train -> push weights -> eval -> checkpoint, then export and report.
+
+    python -m orchestrator.run --config deploy/configs/embedded.yaml policy.name=adaswitch
+
+Under ``ray job submit`` it joins the job's cluster (RAY_ADDRESS); run directly it starts a local
+Ray on 127.0.0.1. With ``resume: true`` (the default) a run directory that holds a checkpoint
+continues from it: the learner, the data cursor and the student's weight version are restored.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from orchestrator.config import RunConfig, load_config, save_config, to_dict
+from orchestrator.data import load_split
+from orchestrator.embedded import ensure_embedded
+from orchestrator.evaluate import evaluate
+from orchestrator.metrics import RunMetrics, read_records, rollout_record
+from orchestrator.models import check_pair
+from orchestrator.report import write_report
+from orchestrator.rollout import Rollout, run_rollout
+
+
+def connect_ray(cfg: RunConfig):
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="ERROR")
+    else:
+        ray.init(address="local", _node_ip_address=cfg.ray.host, dashboard_host=cfg.ray.host,
+                 include_dashboard=cfg.ray.dashboard, logging_level="ERROR", num_cpus=local_cpus(cfg))
+    return ray
+
+
+def local_cpus(cfg: RunConfig) -> int:
+    """Logical CPUs for a local Ray: every actor the run starts must fit, or it waits forever."""
+    if cfg.ray.num_cpus is not None:
+        return cfg.ray.num_cpus
+    engines = [cfg.services.teacher, cfg.services.student]
+    wanted = sum(e.replicas * e.num_cpus for e in engines) + cfg.learner.world_size * cfg.learner.num_cpus
+    return max(os.cpu_count() or 1, int(np.ceil(wanted)))
+
+
+def batch_rows(n_examples: int, cursor: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Example indices for the next ``size`` samples from ``cursor``: a fresh seeded permutation
+    of the split every epoch. Returns (indices, global sample ids)."""
+    samples = cursor + np.arange(size)
+    epochs = samples // n_examples
+    indices = np.empty(size, dtype=np.int64)
+    for epoch in np.unique(epochs):  # at most two epochs per batch
+        order = np.random.default_rng([seed, int(epoch)]).permutation(n_examples)
+        here = epochs == epoch
+        indices[here] = order[samples[here] % n_examples]
+    return indices, samples
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="switchkd", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="deploy/configs/embedded.yaml", help="YAML run config")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. policy.name=adaswitch")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    run(cfg)
+    return 0
+
+
+def run(cfg: RunConfig) -> Path:
+    started = time.perf_counter()
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+
+    # Everything that can be wrong with the inputs fails here, before any engine starts.
+    ensure_embedded(cfg)
+    tokenizer = check_pair(cfg.models.teacher, cfg.models.student)
+    train = load_split(cfg.data, cfg.data.train_split, tokenizer)
+    held_out = load_split(cfg.data, cfg.data.eval_split, tokenizer)
+    for split in (train, held_out):
+        if split.skipped_long:
+            print(f"{split.source}: skipped {split.skipped_long} prompts longer than {cfg.data.max_prompt_tokens} tokens")
+
+    connect_ray(cfg)
+    from services.pool import start_service
+    from trainer.group import LearnerGroup
+
+    eos = tokenizer.eos_token_id
+    teacher = start_service("teacher", cfg.models.teacher, cfg.services.teacher, eos, cfg.seed)
+    student = start_service("student", cfg.models.student, cfg.services.student, eos, cfg.seed)
+    learner = LearnerGroup(cfg.models.student, cfg.learner, cfg.loss, total_steps=cfg.schedule.steps)
+    max_model_len = min(cfg.services.teacher.max_model_len, cfg.services.student.max_model_len)
+    ro = Rollout(cfg.policy, cfg.rollout, teacher, student, eos, max_model_len)
+    metrics = RunMetrics(run_dir, cfg.policy.name)
+
+    metrics.event("started", {"policy": cfg.policy.name, "strategy": cfg.rollout.strategy})
+    step, cursor, version = 0, 0, 0
+    state = learner.load_latest_checkpoint(str(run_dir)) if cfg.resume else None
+    if state is not None:
+        step, cursor, version = state["step"], state["cursor"], state["weight_version"]
+        if version > 0:  # the student service starts from the base weights: give it the checkpoint's
+            learner.push_weights(student, version)
+        metrics.event("resumed", {"step": step, "weight_version": version})
+        print(f"resumed from step {step} (weight version {version})")
+    startup_seconds = time.perf_counter() - started
+
+    def run_eval(at_step: int) -> dict:
+        t = time.perf_counter()
+        result = evaluate(student, held_out, tokenizer, cfg.schedule.eval_examples, cfg.rollout.max_new_tokens,
+                          max_model_len)
+        return {"step": at_step, "eval_exact_match": result["exact_match"], "eval_rouge_l": result["rouge_l"],
+                "eval_n": result["n"], "eval_seconds": time.perf_counter() - t, "weight_version": result["version"]}
+
+    if step == 0:
+        baseline = run_eval(0)
+        baseline["startup_seconds"] = startup_seconds
+        metrics.log(baseline)
+
+    progress = _progress(cfg.schedule.steps, step)
+    while step < cfg.schedule.steps:
+        step += 1
+        record = {"step": step}
+        indices, sample_ids = batch_rows(len(train), cursor, cfg.rollout.prompts_per_step, cfg.seed)
+        batch = run_rollout(ro, [train.prompt_ids[i] for i in indices], [train.reference_ids[i] for i in indices],
+                            sample_ids, seed=cfg.seed * 1_000_003 + step, policy_version=version)
+        cursor += len(indices)
+        record.update(rollout_record(batch, ro.timings["rollout_seconds"]))
+        record["rollout_seconds"] = ro.timings["rollout_seconds"]
+
+        trained = learner.train_step(batch)
+        record.update(loss=trained["loss"], grad_norm=trained["grad_norm"],
+                      train_tokens_per_second=trained["tokens_per_second"], train_seconds=trained["seconds"])
+        record["policy_lag"] = 0  # synchronous: every batch is rolled out by the weights it trains
+
+        if step % cfg.schedule.push_every == 0 or step == cfg.schedule.steps:
+            version += 1
+            pushed = learner.push_weights(student, version)
+            record["push_seconds"] = pushed["push_s"]
+        record["weight_version"] = version
+        record["teacher_replica_calls"] = teacher.calls_per_replica.tolist()
+        if step % cfg.schedule.eval_every == 0 or step == cfg.schedule.steps:
+            record.update(run_eval(step))
+        if step % cfg.schedule.checkpoint_every == 0 or step == cfg.schedule.steps:
+            t = time.perf_counter()
+            learner.save_checkpoint(str(run_dir), step, {"step": step, "cursor": cursor, "weight_version": version,
+                                                         "config": to_dict(cfg)})
+            record["checkpoint_seconds"] = time.perf_counter() - t
+        metrics.log(record)
+        progress(step, record)
+
+    export_dir = run_dir / "student"
+    learner.export_hf(str(export_dir), cfg.models.student)
+    evals = [r for r in read_records(run_dir) if r.get("eval_exact_match") is not None]
+    summary = {
+        "policy": cfg.policy.name, "strategy": cfg.rollout.strategy, "loss": cfg.loss.kind, "steps": step,
+        "teacher": cfg.models.teacher, "student (start)": cfg.models.student, "exported student": str(export_dir),
+        "eval exact match (first -> last)": f"{evals[0]['eval_exact_match']:.3f} -> {evals[-1]['eval_exact_match']:.3f}" if evals else "n/a",
+        "eval Rouge-L (first -> last)": f"{evals[0]['eval_rouge_l']:.3f} -> {evals[-1]['eval_rouge_l']:.3f}" if evals else "n/a",
+        "wall time (s)": f"{time.perf_counter() - started:.1f}",
+    }
+    report = write_report(run_dir, f"switchkd: {cfg.policy.name} ({cfg.rollout.strategy})", summary)
+    print(f"\ndone: exported student {export_dir}, report {report}")
+    learner.shutdown()
+    return run_dir
+
+
+def _progress(total: int, start: int):
+    """A one-line progress display: step, loss, switch rate, tokens/s, ETA."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stdout)
+
+    def update(step: int, record: dict) -> None:
+        bar.set_postfix_str(
+            f"loss {record['loss']:.4f} switch {record['teacher_fraction']:.3f} "
+            f"rollout {record['rollout_tokens_per_second']:.0f} tok/s"
+            + (f" EM {record['eval_exact_match']:.3f}" if "eval_exact_match" in record else ""),
+            refresh=False,
+        )
+        bar.update(step - bar.n)
+
+    return update
+
+
+if __name__ == "__main__":
+    sys.exit(main())

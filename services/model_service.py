@@ -1,0 +1,257 @@
+"""One vLLM engine that speaks top-k arrays: the teacher server and the student rollout worker.
+
+The teacher and the student need the same three calls (the student scores a chunk when the
+teacher holds the pen; the teacher generates when it drafts), so one class serves both roles:
+
+    score(sequences, response_starts, k)    one prefill per sequence (prompt_logprobs = k)
+    generate(prefixes, max_new_tokens, k, temperature, top_k, seeds)
+    load_weights(blob, version)             new weights in place, prefix cache reset
+
+Requests go in as token ids (no tokenizer in the engine: teacher and student share one, and the
+coordinator owns it). Results come back as padded numpy arrays (TopK) plus the weight version
+that produced them. A bad request (too long, empty, ids outside the vocabulary, k above
+max_logprobs) is reported in ``errors`` for its index; the others are served.
+
+Every script that creates one must sit under ``if __name__ == "__main__":``: vLLM spawns its
+engine process.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from services.config import EngineConfig
+from services.convert import fill_topk, flat_to_arrays
+from services.protocol import PAD_ID, TopK
+
+
+@dataclass
+class ScoreResult:
+    topk: TopK  # [N, T, k]: response positions of each sequence, padded
+    next_topk: TopK  # [N, 1, k]: the position right after each sequence (free with the prefill)
+    version: int
+    errors: list[str | None]
+    seconds: float = 0.0
+    convert_seconds: float = 0.0
+
+
+@dataclass
+class GenerateResult:
+    tokens: np.ndarray  # int64 [N, T], PAD_ID after each row's length
+    lengths: np.ndarray  # int64 [N]
+    finished_eos: np.ndarray  # bool [N]: the row ended with EOS (EOS is its last token)
+    topk: TopK  # [N, T, k]; token_logprob is the sampled token's logprob
+    version: int
+    errors: list[str | None]
+    seconds: float = 0.0
+    convert_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class RequestError(ValueError):
+    """Requests a service refused; the message names each one by its index in the batch."""
+
+
+def raise_errors(result, what: str = "request") -> None:
+    bad = [f"{what} {i}: {e}" for i, e in enumerate(result.errors) if e is not None]
+    if bad:
+        raise RequestError("; ".join(bad))
+
+
+class ModelService:
+    def __init__(self, model: str, engine: EngineConfig, eos_token_id: int, seed: int = 0, name: str = "model"):
+        self.name = name
+        self.model = model
+        self.eos_token_id = eos_token_id
+        self.max_model_len = engine.max_model_len
+        self.max_logprobs = engine.max_logprobs
+        self.version = 0
+        self._request_counter = 0
+        self.engine = _make_engine(model, engine, seed)
+        self.vocab_size = self.engine.model_config.get_vocab_size()
+        from vllm.platforms import current_platform
+
+        self._on_cpu = current_platform.is_cpu()
+        self._step_token_budget = self.engine.vllm_config.scheduler_config.max_num_batched_tokens
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    def score(self, sequences: list[list[int]], response_starts: list[int], k: int) -> ScoreResult:
+        """The model's top-k at positions ``response_starts[i]:`` of each sequence, in one prefill."""
+        from vllm import SamplingParams
+
+        started = time.perf_counter()
+        errors = [self._check_sequence(seq, k, extra_tokens=1) for seq in sequences]
+        for i, (seq, start) in enumerate(zip(sequences, response_starts)):
+            if errors[i] is None and not 1 <= start <= len(seq):
+                errors[i] = f"response_start {start} must be in [1, {len(seq)}] (the first token has no logprob)"
+        kk = min(k, self.vocab_size)
+        params = SamplingParams(
+            max_tokens=1, temperature=0.0, logprobs=kk, prompt_logprobs=kk, flat_logprobs=True, detokenize=False
+        )
+        outputs = self._run({i: (sequences[i], params) for i in range(len(sequences)) if errors[i] is None})
+
+        convert_started = time.perf_counter()
+        length = max([len(s) - r for s, r, e in zip(sequences, response_starts, errors) if e is None] or [0])
+        topk = TopK.empty((len(sequences), length), k)
+        next_topk = TopK.empty((len(sequences), 1), k)
+        for i, out in outputs.items():
+            ids, logprobs = flat_to_arrays(out.prompt_logprobs, response_starts[i], kk)
+            fill_topk(topk, i, ids, logprobs)
+            ids, logprobs = flat_to_arrays(out.outputs[0].logprobs, 0, kk)
+            fill_topk(next_topk, i, ids, logprobs)
+        done = time.perf_counter()
+        return ScoreResult(topk, next_topk, self.version, errors, done - started, done - convert_started)
+
+    def generate(
+        self,
+        prefixes: list[list[int]],
+        max_new_tokens: int | list[int],
+        k: int,
+        temperature: float = 1.0,
+        top_k: int = -1,
+        seeds: list[int] | None = None,
+    ) -> GenerateResult:
+        """Continue each prefix; per generated position the sampled token and the top-k.
+
+        ``top_k`` > 0 samples from the model's top ``top_k`` only (the teacher samples from its
+        top-k, exactly as the coordinator draws teacher tokens); -1 samples the full vocabulary.
+        ``seeds`` make sampling reproducible per request.
+        """
+        from vllm import SamplingParams
+
+        started = time.perf_counter()
+        n = len(prefixes)
+        budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        errors = [self._check_sequence(p, k, extra_tokens=b) for p, b in zip(prefixes, budgets)]
+        kk = min(k, self.vocab_size)
+        requests = {}
+        for i in range(n):
+            if errors[i] is None:
+                params = SamplingParams(
+                    max_tokens=budgets[i],
+                    temperature=temperature,
+                    top_k=top_k if top_k > 0 else -1,
+                    logprobs=kk,
+                    flat_logprobs=True,
+                    detokenize=False,
+                    stop_token_ids=[self.eos_token_id],
+                    seed=None if seeds is None else int(seeds[i]),
+                )
+                requests[i] = (prefixes[i], params)
+        outputs = self._run(requests)
+
+        convert_started = time.perf_counter()
+        lengths = np.zeros(n, dtype=np.int64)
+        for i, out in outputs.items():
+            lengths[i] = len(out.outputs[0].token_ids)
+        tokens = np.full((n, int(lengths.max(initial=0))), PAD_ID, dtype=np.int64)
+        topk = TopK.empty(tokens.shape, k)
+        finished_eos = np.zeros(n, dtype=bool)
+        for i, out in outputs.items():
+            completion = out.outputs[0]
+            tokens[i, : lengths[i]] = completion.token_ids
+            finished_eos[i] = lengths[i] > 0 and completion.token_ids[-1] == self.eos_token_id
+            ids, logprobs = flat_to_arrays(completion.logprobs, 0, kk)
+            fill_topk(topk, i, ids, logprobs)
+        done = time.perf_counter()
+        return GenerateResult(tokens, lengths, finished_eos, topk, self.version, errors, done - started, done - convert_started)
+
+    def load_weights(self, blob: bytes, version: int) -> int:
+        """Replace the weights (a safetensors blob of the HF state dict) and record ``version``."""
+        if version <= self.version:
+            raise ValueError(f"{self.name}: weight version {version} is not newer than the loaded {self.version}")
+        self.engine.collective_rpc("load_safetensors", args=(blob,))
+        # Cached KV blocks were computed with the old weights.
+        self.engine.reset_prefix_cache()
+        self.version = version
+        return version
+
+    def get_version(self) -> int:
+        return self.version
+
+    def info(self) -> dict:
+        return {"name": self.name, "model": self.model, "version": self.version, "vocab_size": self.vocab_size,
+                "max_model_len": self.max_model_len, "max_logprobs": self.max_logprobs, "pid": os.getpid()}
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _check_sequence(self, tokens, k: int, extra_tokens: int) -> str | None:
+        if len(tokens) == 0:
+            return "empty sequence"
+        if len(tokens) + extra_tokens > self.max_model_len:
+            return (f"{len(tokens)} tokens + {extra_tokens} to generate exceed "
+                    f"max_model_len {self.max_model_len}")
+        ids = np.asarray(tokens)
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            return f"token ids must be in [0, {self.vocab_size}), got {ids.min()}..{ids.max()}"
+        if k > self.max_logprobs:
+            return f"k={k} is above this engine's max_logprobs={self.max_logprobs}"
+        return None
+
+    def _run(self, requests: dict) -> dict:
+        """Run the requests through the engine; outputs by index."""
+        outputs = {}
+        for wave in self._waves(requests):
+            outputs.update(self._run_wave(wave))
+        return outputs
+
+    def _waves(self, requests: dict) -> list[dict]:
+        """All requests at once, except for seeded sampling on vLLM's CPU build: there a prompt
+        prefilled in chunks fails ("CPU Generator does not use offset"), so requests go in waves
+        whose prompts fit one step's token budget and are never chunked."""
+        seeded = any(params.seed is not None for _, params in requests.values())
+        if not (seeded and self._on_cpu):
+            return [requests]
+        waves, wave, tokens = [], {}, 0
+        for index, (prompt, params) in requests.items():
+            if wave and tokens + len(prompt) > self._step_token_budget:
+                waves.append(wave)
+                wave, tokens = {}, 0
+            wave[index] = (prompt, params)
+            tokens += len(prompt)
+        return waves + [wave] if wave else waves
+
+    def _run_wave(self, requests: dict) -> dict:
+        from vllm.inputs import TokensPrompt
+
+        ids = {}
+        for index, (tokens, params) in requests.items():
+            self._request_counter += 1
+            request_id = f"{self.name}-{self._request_counter}"
+            ids[request_id] = index
+            self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(map(int, tokens))), params)
+        outputs = {}
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    outputs[ids[out.request_id]] = out
+        return outputs
+
+
+def _make_engine(model: str, cfg: EngineConfig, seed: int):
+    from vllm import EngineArgs
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    from services.metrics import vllm_stat_loggers
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_gb))
+    args = EngineArgs(
+        model=model,
+        skip_tokenizer_init=True,
+        dtype=cfg.dtype,
+        max_model_len=cfg.max_model_len,
+        max_logprobs=cfg.max_logprobs,
+        enable_prefix_caching=cfg.enable_prefix_caching,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        enforce_eager=cfg.enforce_eager,
+        seed=seed,
+        disable_log_stats=not cfg.export_engine_metrics,
+        worker_extension_cls="services.weight_sync.WeightSyncExtension",
+        **cfg.extra,
+    )
+    return LLMEngine.from_engine_args(args, stat_loggers=vllm_stat_loggers(cfg.export_engine_metrics))

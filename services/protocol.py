@@ -1,0 +1,110 @@
+"""The array protocol that crosses between services, coordinator and learner.
+
+vLLM hands back one Python dict per generated or prompt position; those dicts are slow, so the
+services turn them into these arrays once, at their boundary, and nothing past it sees a dict.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# An empty top-k slot (k larger than the vocabulary, or a position with fewer entries) has this
+# id and a logprob of -inf, so it carries no probability mass anywhere.
+PAD_ID = 0
+
+
+@dataclass
+class TopK:
+    """A model's top-k at every position of a batch of sequences.
+
+    Shapes: ``ids`` and ``logprobs`` are [..., T, k], ``token_logprob`` and ``mask`` are [..., T].
+    ``logprobs`` are sorted in descending order along the last axis; ``token_logprob`` is the
+    model's logprob of the token that actually stands at the position (listed or not), and
+    ``mask`` marks the positions that hold data (the rest is padding).
+    """
+
+    ids: np.ndarray  # int64
+    logprobs: np.ndarray  # float32, -inf in empty slots
+    token_logprob: np.ndarray  # float32
+    mask: np.ndarray  # bool
+
+    def __post_init__(self) -> None:
+        if self.ids.shape != self.logprobs.shape:
+            raise ValueError(f"TopK: ids {self.ids.shape} and logprobs {self.logprobs.shape} differ in shape")
+        if self.ids.shape[:-1] != self.token_logprob.shape or self.mask.shape != self.token_logprob.shape:
+            raise ValueError(
+                f"TopK: token_logprob {self.token_logprob.shape} and mask {self.mask.shape} "
+                f"must be ids.shape[:-1] = {self.ids.shape[:-1]}"
+            )
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[-1]
+
+    @staticmethod
+    def empty(shape: tuple[int, ...], k: int) -> "TopK":
+        """All-padding arrays of batch shape ``shape`` (e.g. (B, T)), to be filled in place."""
+        return TopK(
+            ids=np.full((*shape, k), PAD_ID, dtype=np.int64),
+            logprobs=np.full((*shape, k), -np.inf, dtype=np.float32),
+            token_logprob=np.full(shape, -np.inf, dtype=np.float32),
+            mask=np.zeros(shape, dtype=bool),
+        )
+
+    def __getitem__(self, index) -> "TopK":
+        """Index the batch/position axes, e.g. ``topk[:, t]`` or ``topk[rows]``."""
+        return TopK(self.ids[index], self.logprobs[index], self.token_logprob[index], self.mask[index])
+
+
+def topk_from_logprobs(logprobs: np.ndarray, tokens: np.ndarray, k: int) -> TopK:
+    """Top-k of full-vocabulary log-probabilities [..., T, V] (the exact reference, tests, transformers).
+
+    ``tokens`` [..., T] are the actual tokens at each position. k may exceed V: the extra slots are
+    padding.
+    """
+    vocab = logprobs.shape[-1]
+    kk = min(k, vocab)
+    order = np.argsort(-logprobs, axis=-1, kind="stable")[..., :kk]
+    out = TopK.empty(logprobs.shape[:-1], k)
+    out.ids[..., :kk] = order
+    out.logprobs[..., :kk] = np.take_along_axis(logprobs, order, axis=-1)
+    out.token_logprob[...] = np.take_along_axis(logprobs, tokens[..., None], axis=-1)[..., 0]
+    out.mask[...] = True
+    return out
+
+
+# Who wrote a response token: stored per token in MixedBatch.writer.
+STUDENT, TEACHER, REFERENCE = 0, 1, 2
+
+
+@dataclass
+class MixedBatch:
+    """A batch of finished rollouts: what the coordinator hands the learner.
+
+    Response token j of row b stands at ``tokens[b, prompt_lengths[b] + j]``; ``teacher[b, j]``
+    is the teacher's top-k for that position given everything before it (the learner's target),
+    whoever wrote the token.
+    """
+
+    tokens: np.ndarray  # int64 [B, L]: prompt + response, right-padded with PAD_ID
+    prompt_lengths: np.ndarray  # int64 [B]
+    response_lengths: np.ndarray  # int64 [B]
+    writer: np.ndarray  # int8 [B, R]: STUDENT, TEACHER or REFERENCE per response token
+    teacher: TopK  # [B, R, k]; teacher.mask marks real response tokens
+    policy_version: np.ndarray  # int64 [B]: the student weight version that rolled this row out
+    stats: dict[str, np.ndarray]  # per-row statistics ([B] arrays), e.g. teacher_fraction
+
+    @property
+    def response_mask(self) -> np.ndarray:
+        return self.teacher.mask
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def rows(self, index) -> "MixedBatch":
+        """A subset of rows (e.g. one learner rank's shard)."""
+        return MixedBatch(
+            self.tokens[index], self.prompt_lengths[index], self.response_lengths[index], self.writer[index],
+            self.teacher[index], self.policy_version[index], {k: v[index] for k, v in self.stats.items()},
+        )

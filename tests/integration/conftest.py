@@ -1,0 +1,74 @@
+"""A real Ray cluster on loopback, shared by the integration tests of one session."""
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    # Logical CPUs: engines and learner ranks each ask for one; the 2 real cores are shared.
+    ray.init(
+        address="local",
+        num_cpus=8,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level="ERROR",
+        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+    )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def cpu_engine():
+    """Engine settings for vLLM's CPU build on this 2-core machine."""
+    from services.config import EngineConfig
+
+    return EngineConfig(gpu_memory_utilization=0.1, enforce_eager=True, max_logprobs=50, cpu_kv_cache_gb=1,
+                        num_cpus=1)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def embedded_data(embedded_fast):
+    """Validation prompts and references of the fast embedded build, tokenized."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from trainer.text import encode_prompt, encode_response
+
+    tok = AutoTokenizer.from_pretrained(embedded_fast / "teacher")
+    rows = [json.loads(line) for line in (embedded_fast / "data" / "validation.jsonl").read_text().splitlines()]
+    prompts = [encode_prompt(tok, r["prompt"]) for r in rows]
+    references = [encode_response(tok, r["response"]) for r in rows]
+    return {"dir": embedded_fast, "tokenizer": tok, "eos": tok.eos_token_id, "rows": rows,
+            "prompts": prompts, "references": references}
+
+
+@pytest.fixture(scope="session")
+def teacher_pool(ray_cluster, embedded_data, cpu_engine):
+    """The fast embedded teacher behind two replicas."""
+    from dataclasses import replace
+
+    from services.pool import start_service
+
+    pool = start_service("teacher", str(embedded_data["dir"] / "teacher"), replace(cpu_engine, replicas=2),
+                         embedded_data["eos"])
+    yield pool
+    for actor in pool.actors:
+        ray_cluster.kill(actor)
+
+
+@pytest.fixture(scope="session")
+def student_pool(ray_cluster, embedded_data, cpu_engine):
+    from services.pool import start_service
+
+    pool = start_service("student", str(embedded_data["dir"] / "student"), cpu_engine, embedded_data["eos"])
+    yield pool
+    for actor in pool.actors:
+        ray_cluster.kill(actor)

@@ -1,0 +1,69 @@
+"""Tiny random Llamas and MixedBatches for the learner and weight-push tests."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from services.protocol import MixedBatch, topk_from_logprobs
+from trainer.config import LossConfig
+from trainer.losses import distillation_loss
+
+VOCAB = 64
+
+
+def tiny_llama(seed: int, vocab: int = VOCAB, hidden: int = 32, heads: int = 2, layers: int = 2,
+               tied: bool = False, max_positions: int = 64) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions,
+        tie_word_embeddings=tied, bos_token_id=1, eos_token_id=1, pad_token_id=0,
+        initializer_range=0.2,  # peaked distributions: losses far from 0, greedy argmax without near-ties
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def make_batch(teacher, seed: int, prompt_lengths, response_lengths, k: int = 8) -> MixedBatch:
+    """Random prompt + response tokens, the teacher's top-k at every response position."""
+    rng = np.random.default_rng(seed)
+    prompt_lengths = np.asarray(prompt_lengths, dtype=np.int64)
+    response_lengths = np.asarray(response_lengths, dtype=np.int64)
+    total = prompt_lengths + response_lengths
+    rows, width, resp = len(total), int(total.max()), int(response_lengths.max())
+    vocab = teacher.config.vocab_size
+    tokens = np.where(np.arange(width)[None] < total[:, None], rng.integers(1, vocab, (rows, width)), 0)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(teacher(torch.tensor(tokens)).logits, -1).numpy()
+    predicting = np.minimum(prompt_lengths[:, None] - 1 + np.arange(resp)[None], width - 2)
+    targets = np.take_along_axis(tokens, predicting + 1, axis=1)
+    topk = topk_from_logprobs(np.take_along_axis(logprobs, predicting[..., None], axis=1), targets, k)
+    topk.mask[...] = np.arange(resp)[None] < response_lengths[:, None]
+    topk.logprobs[~topk.mask] = -np.inf
+    return MixedBatch(
+        tokens=tokens.astype(np.int64), prompt_lengths=prompt_lengths, response_lengths=response_lengths,
+        writer=rng.integers(0, 2, (rows, resp)).astype(np.int8), teacher=topk,
+        policy_version=np.zeros(rows, dtype=np.int64), stats={"teacher_fraction": rng.random(rows)},
+    )
+
+
+def reference_loss(model, batch: MixedBatch, loss: LossConfig) -> float:
+    """distillation_loss on logits from a plain forward of each row alone (no padding, no mask)."""
+    rows, resp = batch.teacher.mask.shape
+    logits = torch.zeros(rows, resp, model.config.vocab_size)
+    targets = torch.zeros(rows, resp, dtype=torch.long)
+    for b in range(rows):  # a reference, so one row at a time on purpose
+        p, r = int(batch.prompt_lengths[b]), int(batch.response_lengths[b])
+        seq = torch.tensor(batch.tokens[b, : p + r])[None]
+        with torch.no_grad():
+            logits[b, :r] = model(seq).logits[0, p - 1: p + r - 1]
+        targets[b, :r] = seq[0, p:]
+    t = batch.teacher
+    return float(distillation_loss(logits, torch.tensor(t.ids), torch.tensor(t.logprobs), torch.tensor(t.mask),
+                                   loss, targets))
+
+
+def model_with(state: dict, like_dir) -> LlamaForCausalLM:
+    model = AutoModelForCausalLM.from_pretrained(like_dir, dtype=torch.float32).eval()
+    model.load_state_dict(state)
+    return model

@@ -1,0 +1,142 @@
+"""Teacher and student services: real vLLM engines in real Ray actors, on the embedded models."""
+import numpy as np
+import pytest
+import torch
+
+from services.model_service import RequestError, raise_errors
+from services.weight_sync import pack_state
+
+K = 20
+
+
+@pytest.fixture(scope="module")
+def models(embedded_data):
+    data = embedded_data
+    prompts = data["prompts"][:6]
+    sequences = [p + r for p, r in zip(prompts, data["references"][:6])]
+    return {"dir": data["dir"], "eos": data["eos"], "prompts": prompts, "sequences": sequences}
+
+
+def _hf_logprobs(model_dir, sequence):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([sequence])).logits[0]
+    return torch.log_softmax(logits, -1).numpy()
+
+
+def test_scoring_matches_transformers_full_vocabulary(teacher_pool, models):
+    seqs, prompts = models["sequences"], models["prompts"]
+    starts = [len(p) for p in prompts]
+    result = teacher_pool.score(seqs, starts, K).result()
+    raise_errors(result)
+    for i in range(len(seqs)):
+        logp = _hf_logprobs(models["dir"] / "teacher", seqs[i])
+        # Position j's distribution comes from the logits at j - 1.
+        rows = logp[starts[i] - 1 : len(seqs[i]) - 1]
+        n = len(rows)
+        top = np.argsort(-rows, -1, kind="stable")[:, :K]
+        np.testing.assert_allclose(result.topk.logprobs[i, :n], np.take_along_axis(rows, top, -1), atol=1e-4)
+        # Ids agree wherever the ranking is not a near-tie.
+        gaps = np.abs(np.diff(np.take_along_axis(rows, top, -1), axis=-1))
+        clear = np.concatenate([gaps > 1e-4, np.ones((n, 1), bool)], -1) & np.concatenate([np.ones((n, 1), bool), gaps > 1e-4], -1)
+        assert (result.topk.ids[i, :n][clear] == top[clear]).all()
+        actual = np.asarray(seqs[i][starts[i]:])
+        np.testing.assert_allclose(result.topk.token_logprob[i, :n], rows[np.arange(n), actual], atol=1e-4)
+        assert result.topk.mask[i, :n].all() and not result.topk.mask[i, n:].any()
+        np.testing.assert_allclose(result.next_topk.logprobs[i, 0], np.sort(logp[-1])[::-1][:K], atol=1e-4)
+
+
+def test_generation_returns_k_entries_and_is_deterministic_when_greedy(student_pool, models):
+    prompts = models["prompts"]
+    first = student_pool.generate(prompts, 40, K, temperature=0.0).result()
+    second = student_pool.generate(prompts, 40, K, temperature=0.0).result()
+    raise_errors(first)
+    np.testing.assert_array_equal(first.tokens, second.tokens)
+    assert first.topk.ids.shape == (*first.tokens.shape, K)
+    for i, n in enumerate(first.lengths):
+        assert 0 < n <= 40
+        assert first.topk.mask[i, :n].all() and not first.topk.mask[i, n:].any()
+        # Greedy: the sampled token is the top-1 entry and its logprob is the top logprob.
+        np.testing.assert_array_equal(first.tokens[i, :n], first.topk.ids[i, :n, 0])
+        np.testing.assert_allclose(first.topk.token_logprob[i, :n], first.topk.logprobs[i, :n, 0], atol=1e-6)
+        assert first.finished_eos[i] == (first.tokens[i, n - 1] == models["eos"])
+    # Sampling from the top-k only: every sampled token is listed in that position's top-k.
+    sampled = student_pool.generate(prompts, 40, K, temperature=1.0, top_k=K, seeds=list(range(len(prompts)))).result()
+    listed = (sampled.topk.ids == sampled.tokens[..., None]).any(-1)
+    assert listed[sampled.topk.mask].all()
+    again = student_pool.generate(prompts, 40, K, temperature=1.0, top_k=K, seeds=list(range(len(prompts)))).result()
+    np.testing.assert_array_equal(sampled.tokens, again.tokens)  # seeded sampling is reproducible
+
+
+def test_load_weights_changes_output_and_restores_it_exactly(student_pool, models):
+    from safetensors.torch import load_file
+
+    prompts = models["prompts"][:3]
+    before = student_pool.generate(prompts, 30, K, temperature=0.0).result()
+    original = load_file(models["dir"] / "student" / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    perturbed = {n: t + 0.5 * t.std() * torch.randn(t.shape, generator=g) for n, t in original.items()}
+    version = before.version + 1
+    assert student_pool.load_weights(pack_state(perturbed), version) == [version]
+    changed = student_pool.generate(prompts, 30, K, temperature=0.0).result()
+    assert changed.version == version
+    assert not np.array_equal(changed.tokens, before.tokens)
+    student_pool.load_weights(pack_state(original), version + 1)
+    restored = student_pool.generate(prompts, 30, K, temperature=0.0).result()
+    assert restored.version == version + 1
+    np.testing.assert_array_equal(restored.tokens, before.tokens)
+    np.testing.assert_array_equal(restored.topk.logprobs, before.topk.logprobs)
+    with pytest.raises(Exception, match="not newer"):
+        import ray
+
+        ray.get(student_pool.actors[0].load_weights.remote(pack_state(original), 1))
+
+
+def test_two_replicas_spread_requests_and_match_one_replica(teacher_pool, models):
+    import ray
+
+    seqs = models["sequences"] * 3
+    starts = [len(p) for p in models["prompts"]] * 3
+    calls_before = teacher_pool.calls_per_replica.copy()
+    spread = teacher_pool.score(seqs, starts, K, keys=list(range(len(seqs)))).result()
+    assert ((teacher_pool.calls_per_replica - calls_before) > 0).all()  # both replicas served part
+    single = ray.get(teacher_pool.actors[0].score.remote(seqs, starts, K))
+    np.testing.assert_array_equal(spread.topk.ids, single.topk.ids)
+    np.testing.assert_allclose(spread.topk.logprobs, single.topk.logprobs, atol=1e-5)
+    gen = teacher_pool.generate(models["prompts"] * 2, 20, K, temperature=0.0, keys=list(range(12))).result()
+    gen_single = ray.get(teacher_pool.actors[1].generate.remote(models["prompts"] * 2, 20, K, 0.0))
+    np.testing.assert_array_equal(gen.tokens, gen_single.tokens)
+
+
+def test_sticky_keys_keep_a_sequence_on_its_replica(teacher_pool, models):
+    seqs = models["sequences"][:2]
+    starts = [len(p) for p in models["prompts"][:2]]
+    teacher_pool.score(seqs, starts, K, keys=["a", "b"]).result()
+    owners = dict(teacher_pool._sticky)
+    teacher_pool.score(seqs, starts, K, keys=["a", "b"]).result()
+    assert teacher_pool._sticky["a"] == owners["a"] and teacher_pool._sticky["b"] == owners["b"]
+
+
+def test_bad_requests_are_named_and_the_rest_are_served(teacher_pool, models):
+    import ray
+
+    good = models["sequences"][0]
+    start = len(models["prompts"][0])
+    vocab = teacher_pool.infos[0]["vocab_size"]
+    batch = [good, [], [1] * 600, [1, vocab + 5, 2], good]
+    result = ray.get(teacher_pool.actors[0].score.remote(batch, [start, 1, 1, 1, start], K))
+    assert result.errors[0] is None and result.errors[4] is None
+    assert "empty sequence" in result.errors[1]
+    assert "exceed max_model_len" in result.errors[2]
+    assert "token ids must be in [0," in result.errors[3]
+    assert not result.topk.mask[1:4].any()
+    alone = ray.get(teacher_pool.actors[0].score.remote([good], [start], K))
+    np.testing.assert_allclose(result.topk.logprobs[0], alone.topk.logprobs[0][: result.topk.logprobs.shape[1]], atol=1e-6)
+    with pytest.raises(RequestError, match=r"request 1: empty sequence; request 2: .*max_model_len"):
+        raise_errors(result)
+    too_many = ray.get(teacher_pool.actors[0].score.remote([good], [start], 51))
+    assert "k=51 is above this engine's max_logprobs=50" in too_many.errors[0]
+    # Still serving after all that.
+    assert ray.get(teacher_pool.actors[0].score.remote([good], [start], K)).errors == [None]

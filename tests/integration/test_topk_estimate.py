@@ -1,0 +1,34 @@
+"""Top-k divergence estimates against exact full-vocabulary values on the embedded models.
+
+The bounds below were measured on the fast build (python bench/topk_estimate.py --variant fast
+prints the figures) and hold with margin; larger k must never be worse on average.
+"""
+import pytest
+
+from bench.topk_estimate import measure
+
+# p99 of |estimate - exact| in nats, per k (JSD is bounded by ln 2 = 0.693), and the share of
+# SWITCH decisions (default tau0, decay) that agree with exact JSD. Measured on a fast build:
+# JSD p99 0.026 / 0.004 and KL p99 0.08 / 0.012 at k = 20 / 50, agreement 0.915 / 0.997 / 0.999
+# at k = 5 / 20 / 50; the bounds leave room for a different seed's models.
+JSD_P99_BOUND = {5: 0.15, 20: 0.06, 50: 0.02}
+KL_P99_BOUND = {5: 2.5, 20: 0.3, 50: 0.06}
+AGREEMENT_BOUND = {5: 0.85, 20: 0.97, 50: 0.99}
+
+
+@pytest.fixture(scope="module")
+def result(embedded_fast):
+    return measure(embedded_fast, examples=24)
+
+
+@pytest.mark.parametrize("k", [5, 20, 50])
+def test_estimate_error_bounds(result, k):
+    row = result["by_k"][k]
+    assert row["jsd"]["p99_abs_error"] < JSD_P99_BOUND[k], row
+    assert row["kl"]["p99_abs_error"] < KL_P99_BOUND[k], row
+    assert row["switch_decision_agreement"] > AGREEMENT_BOUND[k], row
+
+
+def test_error_shrinks_with_k(result):
+    errors = [result["by_k"][k]["jsd"]["mean_abs_error"] for k in (5, 20, 50)]
+    assert errors[0] >= errors[1] >= errors[2]

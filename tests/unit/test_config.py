@@ -1,0 +1,79 @@
+"""Config loading: YAML, dotted overrides, and errors that name the field (pure logic)."""
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import ConfigError, RunConfig, load_config, save_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_and_shipped_configs_load():
+    assert isinstance(load_config(), RunConfig)
+    for path in sorted((REPO / "deploy" / "configs").glob("*.yaml")):
+        assert isinstance(load_config(path), RunConfig), path
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config(REPO / "deploy/configs/embedded.yaml",
+                      ["policy.name=adaswitch", "policy.adaswitch.window=12", "learner.lr=3e-5",
+                       "rollout.max_draft_tokens=null", "services.teacher.replicas=2", "loss.kind=jsd"])
+    assert cfg.policy.name == "adaswitch" and cfg.policy.adaswitch.window == 12
+    assert cfg.learner.lr == pytest.approx(3e-5) and isinstance(cfg.learner.lr, float)
+    assert cfg.rollout.max_draft_tokens is None
+    assert cfg.services.teacher.replicas == 2
+    assert cfg.loss.kind == "jsd"
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(None, ["policy.name=skd", "rollout.top_k=32"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("policy.name=swich", "policy.name: 'swich' is not one of on_policy, teacher, ground_truth, mixed, skd"),
+        ("policy.nmae=switch", "unknown key policy.nmae (did you mean policy.name?)"),
+        ("learner.zero_stage=4", "learner.zero_stage: 4 is not one of 1, 2, 3"),
+        ("learner.zero_stage=true", "learner.zero_stage: True is not one of 1, 2, 3"),
+        ("learner.lr=fast", "learner.lr: expected a number, got 'fast'"),
+        ("learner.lr=-1", "learner.lr: must be > 0"),
+        ("rollout.top_k=2.5", "rollout.top_k: expected an integer, got 2.5"),
+        ("rollout.top_k=0", "rollout.top_k: must be >= 1"),
+        ("data.use_chat_template=yes please", "data.use_chat_template: expected true or false"),
+        ("loss.alpha=1.5", "loss.alpha: must be in (0, 1)"),
+        ("services.teacher.dtype=int4", "services.teacher.dtype: 'int4' is not one of float32"),
+        ("policy=switch", "policy: expected a mapping"),
+        ("nothing", "expected dotted.key=value"),
+    ],
+)
+def test_bad_values_name_the_field(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match=r"policy.skd.top_k: 25 exceeds rollout.top_k=10"):
+        load_config(None, ["policy.name=skd", "rollout.top_k=10"])
+    cfg = load_config(None, ["rollout.top_k=50"])
+    assert cfg.services.teacher.max_logprobs == 50 and cfg.services.student.max_logprobs == 50
+
+
+def test_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("policy:\n  name: switch\n learner: [\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="list.yaml: the top level must be a mapping"):
+        load_config(listy)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("rollout:\n  topk: 5\n")
+    with pytest.raises(ConfigError, match=r"unknown.yaml: unknown key rollout.topk \(did you mean rollout.top_k\?\)"):
+        load_config(unknown)

@@ -1,0 +1,1 @@
+"""Student training: losses, learner group, checkpoints, weight export, embedded default builder."""

@@ -1,0 +1,57 @@
+"""Settings of the distillation loss and of the DeepSpeed learner group."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+LossKind = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"]
+
+
+@dataclass
+class LossConfig:
+    kind: LossKind = "skew_reverse_kl"
+    alpha: float = 0.1  # skew of skew_kl / skew_reverse_kl (DistiLLM's default)
+    beta: float = 0.5  # weight of the teacher in generalized JSD(β) (GKD)
+    ce_weight: float = 0.0  # adds ce_weight · cross-entropy on the sequence's own tokens
+
+    def __post_init__(self) -> None:
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"alpha: must be in (0, 1), got {self.alpha}")
+        if not 0 < self.beta < 1:
+            raise ValueError(f"beta: must be in (0, 1), got {self.beta}")
+        if self.ce_weight < 0:
+            raise ValueError(f"ce_weight: must be >= 0, got {self.ce_weight}")
+
+
+@dataclass
+class LearnerConfig:
+    world_size: int = 1
+    zero_stage: Literal[1, 2, 3] = 2
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    # linear/cosine reach 0 at this optimizer step (warmup included); null = the run's total steps.
+    decay_steps: int | None = None
+    micro_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    precision: Literal["fp32", "bf16"] = "fp32"
+    max_grad_norm: float = 1.0
+    keep_checkpoints: int = 2  # the newest N checkpoints stay on disk
+    # Ray resources per rank.
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("world_size", "micro_batch_size", "gradient_accumulation_steps", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm <= 0:
+            raise ValueError("warmup_steps / weight_decay: must be >= 0; max_grad_norm: must be > 0")
+        if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
+            raise ValueError(
+                f"decay_steps: must be > warmup_steps ({self.warmup_steps}) or null, got {self.decay_steps}"
+            )

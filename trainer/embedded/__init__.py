@@ -1,0 +1,1 @@
+"""Embedded default: a self-made task, tokenizer, teacher and student, built locally."""

@@ -1,0 +1,97 @@
+"""The learner group: one Ray actor per DeepSpeed rank, driven as one object.
+
+Every call fans out to all ranks (DeepSpeed's collectives need every rank) and returns rank
+0's result. The batch is put into Ray's object store once and every rank reads the same copy.
+"""
+from __future__ import annotations
+
+import time
+
+import ray
+
+from services.pool import ServicePool
+from trainer import checkpoint
+from trainer.config import LearnerConfig, LossConfig
+from trainer.learner import LearnerRank
+
+
+class LearnerGroup:
+    def __init__(self, model_path: str, cfg: LearnerConfig, loss: LossConfig, total_steps: int | None = None,
+                 name: str = "learner"):
+        """Start ``cfg.world_size`` rank actors and build their DeepSpeed engines (blocks until ready)."""
+        self.cfg = cfg
+        self.loss = loss
+        rank_cls = ray.remote(LearnerRank)
+        self.ranks = [
+            rank_cls.options(name=f"{name}-rank{r}", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus).remote(
+                r, cfg, total_steps)
+            for r in range(cfg.world_size)
+        ]
+        try:
+            master_addr, master_port = ray.get(self.ranks[0].address.remote())
+            self.info = self._all("setup", master_addr, master_port, model_path)
+        except Exception:
+            self.shutdown()
+            raise
+
+    def _all(self, method: str, *args):
+        """Call ``method`` on every rank at once; rank 0's result."""
+        return self._wait([getattr(r, method).remote(*args) for r in self.ranks])
+
+    @staticmethod
+    def _wait(refs: list):
+        """Rank 0's result. Raises as soon as any rank fails: the others may be stuck in a
+        collective waiting for it, and the caller's way out is shutdown() and a new group."""
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)
+        return ray.get(refs[0])
+
+    def train_step(self, batch, loss: LossConfig | None = None) -> dict:
+        """One optimizer step on a MixedBatch; loss, grad norm, tokens, tokens/s, timings (rank 0's)."""
+        return self._all("train_step", ray.put(batch), loss or self.loss)
+
+    def export_state(self) -> dict:
+        """The full weights (HF names, CPU tensors), gathered on rank 0."""
+        return self._all("export_state")
+
+    def push_weights(self, pool, version: int) -> dict:
+        """Gather the full weights on rank 0, pack one safetensors blob in memory, load it into ``pool``.
+
+        Returns seconds spent gathering, packing and loading (measured on rank 0), the end-to-end
+        seconds seen here, the blob's size and the version.
+        """
+        started = time.perf_counter()
+        # Rank 0 loads the blob itself; a bare pool of the same actors travels there (not the
+        # caller's placement bookkeeping), the other ranks only join the gather.
+        refs = [self.ranks[0].push_weights.remote(ServicePool(pool.actors), version)]
+        refs += [r.push_weights.remote(None, version) for r in self.ranks[1:]]
+        timing = self._wait(refs)
+        return {**timing, "push_s": time.perf_counter() - started}
+
+    def save_checkpoint(self, run_dir: str, step: int, run_state: dict) -> str:
+        """Write ``<run_dir>/checkpoints/step-N`` atomically; returns its path."""
+        return self._all("save_checkpoint", str(run_dir), step, run_state)
+
+    def load_latest_checkpoint(self, run_dir: str) -> dict | None:
+        """Restore every rank from the newest committed checkpoint; its run state, or None if there is none."""
+        latest = checkpoint.latest_checkpoint(run_dir)
+        if latest is None:
+            return None
+        return self._all("load_checkpoint", str(latest))
+
+    def export_hf(self, out_dir: str, tokenizer_dir: str | None = None) -> str:
+        return self._all("export_hf", str(out_dir), tokenizer_dir)
+
+    def shutdown(self) -> None:
+        """Drop the engines and end the rank actors (their process groups end with them)."""
+        if not self.ranks:
+            return
+        try:
+            ray.get([r.shutdown.remote() for r in self.ranks], timeout=60)
+        except (ray.exceptions.RayError, TimeoutError):
+            pass  # a dead rank cannot leave cleanly; killing it below is enough
+        for r in self.ranks:
+            ray.kill(r)
+        self.ranks = []
