@@ -124,3 +124,30 @@ def test_incomplete_or_different_builds_are_not_reused(embedded_fast, tmp_path):
     assert is_built(embedded_fast, expected)
     assert not is_built(tmp_path, expected)  # a crashed build leaves no manifest
     assert settings_hash(VARIANTS["fast"], 1) != expected != settings_hash(VARIANTS["full"], 0)
+
+
+def test_packed_rows_compute_each_example_as_if_alone(tokenizer):
+    import random
+
+    import torch
+
+    from trainer.embedded.models import ModelSize, collate_packed, encode_examples, make_model, packed_batches
+    from trainer.embedded.task import make_splits
+
+    encoded = encode_examples(tokenizer, make_splits(1, 40, 1, 1)["train"])
+    rows = next(packed_batches(encoded, rows=3, row_tokens=256, rng=random.Random(0)))
+    assert any(len(row) > 1 for row in rows)
+    model = make_model(ModelSize(hidden=64, heads=1, layers=2, intermediate=128), tokenizer, seed=0).eval()
+    input_ids, position_ids, attention_mask, labels = collate_packed(rows, tokenizer.pad_token_id)
+    with torch.no_grad():
+        packed = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                       use_cache=False).logits
+        for r, row in enumerate(rows):
+            at = 0
+            for prompt, response in row:
+                n = len(prompt) + len(response)
+                alone = model(input_ids=torch.tensor([prompt + response])).logits[0]
+                torch.testing.assert_close(packed[r, at:at + n], alone, atol=1e-5, rtol=1e-4)
+                assert labels[r, at:at + len(prompt)].eq(-100).all()
+                assert labels[r, at + len(prompt):at + n].tolist() == response
+                at += n

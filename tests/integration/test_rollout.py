@@ -10,7 +10,7 @@ K = 20
 # Parameters that make every rule fire on the fast embedded models, so the comparison covers
 # hand-overs in both directions and not only all-student runs.
 POLICY_SETTINGS = {
-    "switch": {"switch": {"tau0": 0.08, "decay": 0.01}},
+    "switch": {"switch": {"tau0": None, "decay": 0.0}},  # tau0: set from the models (below)
     "adaswitch": {"adaswitch": {"window": 4, "factor": 2.0}},
     "skd": {"skd": {"top_k": 3}},
     "mixed": {"mixed": {"student_prob": 0.5}},
@@ -33,7 +33,13 @@ def _rollout(pools, data, policy, strategy, n, max_new_tokens, temperature, seed
 
 
 @pytest.fixture(scope="module")
-def pools(teacher_pool, student_pool):
+def pools(teacher_pool, student_pool, embedded_data):
+    """The two services; also sets SWITCH's tau0 to the median per-sequence JSD these models
+    show on student-written prefixes, so that the rule hands over in both directions."""
+    POLICY_SETTINGS["switch"]["switch"]["tau0"] = 10.0  # above ln 2: never switches, records JSD
+    probe = _rollout((teacher_pool, student_pool), embedded_data, "switch", "draft_verify", n=16,
+                     max_new_tokens=96, temperature=0.0)
+    POLICY_SETTINGS["switch"]["switch"]["tau0"] = float(np.median(probe.stats["divergence_mean"]))
     return teacher_pool, student_pool
 
 

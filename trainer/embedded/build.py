@@ -27,7 +27,7 @@ from trainer.embedded.tokenizer import train_tokenizer, training_texts
 from trainer.scoring import score_batch
 
 # Bump when a change to the code changes what gets built, so cached builds are redone.
-CODE_VERSION = "embedded-2"
+CODE_VERSION = "embedded-3"
 
 
 @dataclass(frozen=True)
@@ -51,14 +51,14 @@ VARIANTS = {
     "full": BuildSettings(
         n_train=20000, n_validation=200, n_test=400, vocab_size=512,
         teacher=TEACHER, student=STUDENT,
-        teacher_sft=SFTSettings(steps=700, batch_size=32, lr=2e-3, log_every=50),
-        student_warmup=SFTSettings(steps=60, batch_size=32, lr=2e-3, warmup_steps=10, log_every=20),
+        teacher_sft=SFTSettings(steps=700, lr=2e-3, log_every=50),
+        student_warmup=SFTSettings(steps=60, lr=2e-3, warmup_steps=10, log_every=20),
     ),
     "fast": BuildSettings(
         n_train=4000, n_validation=40, n_test=80, vocab_size=512,
         teacher=TEACHER, student=STUDENT,
-        teacher_sft=SFTSettings(steps=120, batch_size=32, lr=2e-3, warmup_steps=20, log_every=20),
-        student_warmup=SFTSettings(steps=20, batch_size=32, lr=2e-3, warmup_steps=5, log_every=10),
+        teacher_sft=SFTSettings(steps=120, lr=2e-3, warmup_steps=20, log_every=20),
+        student_warmup=SFTSettings(steps=20, lr=2e-3, warmup_steps=5, log_every=10),
         max_new_tokens=200,
     ),
 }

@@ -12,6 +12,8 @@ import string
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from trainer.text import encode_prompt, encode_response
+
 PAD, EOS, USER, ASSISTANT = "<|pad|>", "<|endoftext|>", "<|user|>", "<|assistant|>"
 SPECIAL_TOKENS = [PAD, EOS, USER, ASSISTANT]
 
@@ -68,12 +70,9 @@ def training_texts(examples):
 
 def prompt_ids(tokenizer, prompt):
     """Token ids of the chat-formatted prompt, through the same path any chat model uses."""
-    encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                            add_generation_prompt=True, tokenize=True)
-    # transformers 5 returns a BatchEncoding by default, older versions a plain list
-    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+    return encode_prompt(tokenizer, prompt)
 
 
 def response_ids(tokenizer, response):
     """Token ids the model must produce: the response followed by EOS."""
-    return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return encode_response(tokenizer, response)
