@@ -173,6 +173,10 @@ class ModelService:
     def get_version(self) -> int:
         return self.version
 
+    def __repr__(self) -> str:
+        # Ray's dashboard and logs label an actor by its repr.
+        return f"ModelService({self.name})"
+
     def info(self) -> dict:
         return {"name": self.name, "model": self.model, "version": self.version, "vocab_size": self.vocab_size,
                 "max_model_len": self.max_model_len, "max_logprobs": self.max_logprobs, "pid": os.getpid()}

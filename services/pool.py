@@ -23,13 +23,17 @@ STICKY_KEYS_KEPT = 100_000
 def start_service(
     name: str, model: str, engine: EngineConfig, eos_token_id: int, seed: int = 0, max_restarts: int = 0
 ) -> "ServicePool":
-    """Start ``engine.replicas`` ModelService actors for ``model`` and wait until they serve."""
+    """Start ``engine.replicas`` ModelService actors for ``model`` and wait until they serve.
+
+    The actors are not Ray-named (a name is global to the cluster, so two runs or a rerun after a
+    crash would collide); ``name`` labels them instead: ModelService's repr shows it in the Ray
+    dashboard and in every error message.
+    """
     import ray
 
     actor_cls = ray.remote(ModelService)
     actors = [
         actor_cls.options(
-            name=f"{name}-{i}",
             num_cpus=engine.num_cpus,
             num_gpus=engine.num_gpus,
             max_restarts=max_restarts,

@@ -16,14 +16,15 @@ from trainer.learner import LearnerRank
 
 
 class LearnerGroup:
-    def __init__(self, model_path: str, cfg: LearnerConfig, loss: LossConfig, total_steps: int | None = None,
-                 name: str = "learner"):
-        """Start ``cfg.world_size`` rank actors and build their DeepSpeed engines (blocks until ready)."""
+    def __init__(self, model_path: str, cfg: LearnerConfig, loss: LossConfig, total_steps: int | None = None):
+        """Start ``cfg.world_size`` rank actors and build their DeepSpeed engines (blocks until ready).
+
+        The ranks are not Ray-named: a name is global to the cluster and two runs would collide."""
         self.cfg = cfg
         self.loss = loss
         rank_cls = ray.remote(LearnerRank)
         self.ranks = [
-            rank_cls.options(name=f"{name}-rank{r}", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus).remote(
+            rank_cls.options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus).remote(
                 r, cfg, total_steps)
             for r in range(cfg.world_size)
         ]

@@ -197,6 +197,10 @@ class LearnerRank:
         self.total_steps = total_steps
         self.engine = None
 
+    def __repr__(self) -> str:
+        # Ray's dashboard and logs label an actor by its repr.
+        return f"LearnerRank({self.rank}/{self.world_size})"
+
     def address(self) -> tuple[str, int]:
         """Where rank 0 listens for the process group (called on rank 0 before ``setup``)."""
         return node_ip(), free_port()
