@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2, help="timed repeats per measurement (best is kept)")
+    parser.add_argument("--switch-tau0", type=float, nargs="*", default=[0.35, 0.5],
+                        help="extra SWITCH runs at these thresholds: fewer hand-overs, to show what limits the ratio")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -75,10 +77,12 @@ def main() -> None:
     print(f"floor: student-only {student_s:.2f}s ({tokens / student_s:.0f} tok/s) + teacher scoring {score_s:.2f}s "
           f"= {floor:.2f}s")
 
-    for policy in ("switch", "adaswitch"):
+    runs = [("switch", []), ("adaswitch", [])]
+    runs += [("switch", [f"policy.switch.tau0={tau0}"]) for tau0 in args.switch_tau0]
+    for policy, extra in runs:
         results = {}
         for strategy in ("lockstep", "draft_verify"):
-            cfg_run = load_config(args.config, [*args.overrides, f"policy.name={policy}",
+            cfg_run = load_config(args.config, [*args.overrides, f"policy.name={policy}", *extra,
                                                 f"rollout.strategy={strategy}",
                                                 f"rollout.max_new_tokens={args.new_tokens}"])
             ro = Rollout(cfg_run.policy, cfg_run.rollout, teacher, student, eos, max_model_len)
@@ -89,8 +93,10 @@ def main() -> None:
         _, lock_s, lock_cpu = results["lockstep"]
         s = dv_batch.stats
         trips = (s["teacher_calls"] + s["student_calls"]).mean()
-        print(f"\n{policy}: teacher-token fraction {s['teacher_fraction'].mean():.3f}, "
-              f"switched {s['switched'].mean():.2f}, response length {s['response_length'].mean():.0f}")
+        handovers = s["teacher_calls"] + s["student_calls"]
+        print(f"\n{policy} {' '.join(extra) or '(defaults)'}: teacher-token fraction {s['teacher_fraction'].mean():.3f}, "
+              f"switched {s['switched'].mean():.2f}, response length {s['response_length'].mean():.0f}, "
+              f"tokens per round trip {s['response_length'].sum() / handovers.sum():.1f}")
         print(f"  lockstep      {lock_s:8.2f}s   coordinator CPU {lock_cpu / lock_s:6.1%}")
         print(f"  draft-verify  {dv_s:8.2f}s   coordinator CPU {dv_cpu / dv_s:6.1%}   "
               f"round trips/seq {trips:.2f} (teacher {s['teacher_calls'].mean():.2f}, student {s['student_calls'].mean():.2f})")

@@ -43,6 +43,7 @@ class DataConfig:
     # `datasets.load_dataset(path, data_files=...)`: "json"/"parquet" with local files below,
     # or a hub dataset name (then data_files stays empty and the splits are the hub's).
     path: str = "json"
+    name: str | None = None  # the dataset's configuration, e.g. "main" for openai/gsm8k
     data_files: dict[str, str] = field(
         default_factory=lambda: {
             "train": "artifacts/embedded/full/data/train.jsonl",
@@ -117,7 +118,12 @@ class RolloutConfig:
     top_k: int = 20  # entries of each model's top-k exchanged per position
     prompts_per_step: int = 32
     max_new_tokens: int = 256
-    max_draft_tokens: int | None = None  # None: draft to the end of the sequence
+    max_draft_tokens: int | None = None  # cap on one draft; None: the rest of the budget
+    # Where the pen changes hands often (skd, switch), draft-verify drafts adaptively,
+    # as speculative decoding does: a row's first draft has this many tokens, each later one
+    # twice the run the verifier kept last time (at least 4), up to the cap; a long draft cut
+    # after two tokens is wasted decoding. None: always draft to the cap.
+    first_draft_tokens: int | None = 16
     student_temperature: float = 1.0  # 0 = greedy
     teacher_temperature: float = 1.0
 
@@ -127,6 +133,8 @@ class RolloutConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.max_draft_tokens is not None and self.max_draft_tokens < 1:
             raise ValueError(f"max_draft_tokens: must be >= 1 or null, got {self.max_draft_tokens}")
+        if self.first_draft_tokens is not None and self.first_draft_tokens < 1:
+            raise ValueError(f"first_draft_tokens: must be >= 1 or null, got {self.first_draft_tokens}")
         if self.student_temperature < 0 or self.teacher_temperature < 0:
             raise ValueError("student_temperature / teacher_temperature: must be >= 0")
 
@@ -165,6 +173,10 @@ class RayConfig:
 @dataclass
 class RunConfig:
     output_dir: str = "runs/embedded"
+    # Relative paths (output_dir, models.*, data.data_files) are read against this directory;
+    # null: the current one. `ray job submit --working-dir .` runs the job in an unpacked copy of
+    # the code, not in your checkout, so the README passes base_dir=$PWD (or use absolute paths).
+    base_dir: str | None = None
     seed: int = 0
     resume: bool = True
     models: ModelsConfig = field(default_factory=ModelsConfig)
@@ -183,9 +195,25 @@ class RunConfig:
                 f"policy.skd.top_k: {self.policy.skd.top_k} exceeds rollout.top_k={self.rollout.top_k}; "
                 "the teacher must list at least K ids"
             )
+        if self.base_dir is not None:
+            self._resolve_paths(Path(self.base_dir))
         # vLLM refuses a request for more logprobs than the engine was started with.
         for engine in (self.services.teacher, self.services.student):
             engine.max_logprobs = max(engine.max_logprobs, self.rollout.top_k)
+
+
+    def _resolve_paths(self, base: Path) -> None:
+        def local(path: str) -> str:
+            return path if Path(path).is_absolute() else str(base / path)
+
+        self.output_dir = local(self.output_dir)
+        self.models.embedded_dir = local(self.models.embedded_dir)
+        for role in ("teacher", "student"):
+            path = getattr(self.models, role)
+            # A hub name ("Qwen/Qwen2.5-7B") stays as it is; a directory here or to be built is local.
+            if (base / path).exists() or self.models.build_embedded is not None:
+                setattr(self.models, role, local(path))
+        self.data.data_files = {split: local(path) for split, path in self.data.data_files.items()}
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:

@@ -41,7 +41,7 @@ def load_split(data: DataConfig, split: str, tokenizer) -> Examples:
             raise DataError(f"data.data_files.{split}: file not found: {source}")
         files = {split: source}
     try:
-        rows = datasets.load_dataset(data.path, data_files=files, split=split)
+        rows = datasets.load_dataset(data.path, data.name, data_files=files, split=split)
     except Exception as err:  # datasets raises many types; the user needs the source and the cause
         raise DataError(f"{source}: could not load split {split!r} with datasets ({type(err).__name__}: {err})") from err
     return tokenize_rows(rows, data, tokenizer, source)

@@ -104,16 +104,33 @@ def first_pen(policy: PolicyConfig) -> int:
     return TEACHER if policy.name == "teacher" else STUDENT
 
 
+def hands_over_often(policy: PolicyConfig) -> bool:
+    """Whether the pen can change hands many times in a sequence (SKD, SWITCH): then drafts are
+    worth keeping short. AdaSwitch switches once, so its student drafts the whole response and
+    the teacher verifies it once (as in the paper); the other policies never cut a draft."""
+    return policy.name in ("skd", "switch")
+
+
 def teacher_hands_back(policy: PolicyConfig) -> bool:
     """Whether a run the teacher drafts must be verified by the student: only SWITCH can hand
     the pen back (AdaSwitch's switch is one-time, `teacher` never switches)."""
     return policy.name == "switch"
 
 
-def pen_after_teacher_token(policy: PolicyConfig) -> int:
-    """Who drafts after the teacher wrote a hand-over token: SKD's teacher only corrects one
-    token and the student goes on; SWITCH and AdaSwitch keep the teacher writing."""
-    return STUDENT if policy.name == "skd" else TEACHER
+def pen_after_teacher_token(policy: PolicyConfig, student_tokens_kept: np.ndarray) -> np.ndarray:
+    """Who drafts after the teacher wrote a hand-over token into a student draft.
+
+    SKD's teacher only corrects one token: the student goes on. AdaSwitch's switch is for good:
+    the teacher. SWITCH decides every position from both distributions, so either pen gives the
+    same decisions and only the cost differs: a teacher run of one token costs one round with
+    the student drafting and two with the teacher drafting (draft, then the student takes the
+    pen back). So the student keeps the pen, unless its draft was refused at the first token
+    (the teacher is on a run: let it draft the run)."""
+    if policy.name == "skd":
+        return np.full(student_tokens_kept.shape, STUDENT, dtype=np.int8)
+    if policy.name == "switch":
+        return np.where(student_tokens_kept == 0, TEACHER, STUDENT).astype(np.int8)
+    return np.full(student_tokens_kept.shape, TEACHER, dtype=np.int8)
 
 
 def switch_threshold(policy: PolicyConfig, positions: np.ndarray) -> np.ndarray:

@@ -6,14 +6,17 @@ lockstep      every step, every live sequence asks the student for one token wit
 draft-verify  whoever holds the pen drafts a run of tokens; the other model scores the run in
               one prefill; the policy runs over the run; tokens before the first hand-over are
               kept, the hand-over token is written, the pen passes. One round trip per hand-over.
+              Draft lengths adapt per row (``next_draft_lengths``): the decisions do not depend
+              on them, only the wasted decoding does.
 
 Both write into one RolloutBuffer with the same rule (orchestrator.policies.decide) on the same
 prefixes, so under greedy decoding they give identical tokens and who-wrote-it masks. Teacher
 tokens are drawn from the teacher's top-k at the teacher temperature in both: by
 ``draw_from_topk`` for a single hand-over token, by vLLM's top-k sampling when the teacher drafts.
 
-In draft-verify every sequence moves on its own: a call is sent as soon as its sequences are
-ready, calls to the two services overlap, and no sequence waits for another's verify.
+In draft-verify sequences move independently: calls to the two services overlap, and rows that
+finished a hand-over draft again together as soon as half the live rows are ready (or nothing
+else is in flight), so calls stay batched without a global barrier.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from orchestrator.policies import (
     first_pen,
     init_state,
     pen_after_teacher_token,
+    hands_over_often,
     teacher_hands_back,
 )
 from orchestrator.rollout_buffer import RolloutBuffer
@@ -137,6 +141,8 @@ def draft_verify(ro: Rollout, buf: RolloutBuffer, state: PolicyState, rng, row_i
 
     k = ro.cfg.top_k
     max_draft = ro.cfg.max_draft_tokens or int(buf.budget.max())
+    adaptive = ro.cfg.first_draft_tokens is not None and hands_over_often(ro.policy)
+    draft_length = np.full(len(buf.done), min(ro.cfg.first_draft_tokens, max_draft) if adaptive else max_draft)
     buf.pen[:] = first_pen(ro.policy)
     calls: list[_Call] = []
 
@@ -145,7 +151,9 @@ def draft_verify(ro: Rollout, buf: RolloutBuffer, state: PolicyState, rng, row_i
             group = rows[buf.pen[rows] == pen]
             if not group.size:
                 continue
-            budgets = np.minimum(buf.remaining(group), max_draft).tolist()
+            verified = pen == STUDENT or teacher_hands_back(ro.policy)
+            # A draft nobody verifies is all kept: no reason to cut it short.
+            budgets = np.minimum(buf.remaining(group), draft_length[group] if verified else max_draft).tolist()
             keys = row_ids[group].tolist()
             if pen == STUDENT:
                 pending = ro.student.generate(buf.prefixes(group), budgets, k, ro.cfg.student_temperature,
@@ -167,8 +175,16 @@ def draft_verify(ro: Rollout, buf: RolloutBuffer, state: PolicyState, rng, row_i
         (buf.teacher_calls if call.pen == STUDENT else buf.student_calls)[rows] += 1
         calls.append(_Call(pending, "verify", call.pen, rows, draft))
 
-    send_drafts(np.flatnonzero(~buf.done))
-    while calls:
+    # Rows that finished a hand-over wait here and draft together: a call per small group would
+    # pay the per-call overhead of both engines many times over (rows drift apart quickly when
+    # the pen changes hands every few tokens). They go out once half the live rows are waiting,
+    # or when nothing else is in flight.
+    waiting = np.flatnonzero(~buf.done)
+    while waiting.size or calls:
+        live = int((~buf.done).sum())
+        if waiting.size and (not calls or 2 * waiting.size >= live):
+            send_drafts(waiting)
+            waiting = waiting[:0]
         if not any(c.pending.ready() for c in calls):
             ray.wait([ref for c in calls for ref in c.pending.refs], num_returns=1)
         for call in [c for c in calls if c.pending.ready()]:
@@ -182,18 +198,23 @@ def draft_verify(ro: Rollout, buf: RolloutBuffer, state: PolicyState, rng, row_i
                     send_verify(call, result)
                     continue
                 _accept_teacher_draft(ro, buf, call.rows, result)
-            elif call.pen == STUDENT:
-                _cut_student_draft(ro, buf, state, call.rows, call.draft, result.topk, rng)
             else:
-                _cut_teacher_draft(ro, buf, state, call.rows, call.draft, result.topk)
-            ready = call.rows[~buf.done[call.rows]]
-            if ready.size:
-                send_drafts(ready)
+                cut = _cut_student_draft if call.pen == STUDENT else _cut_teacher_draft
+                kept = cut(ro, buf, state, call.rows, call.draft, result.topk, rng)
+                if adaptive:
+                    draft_length[call.rows] = next_draft_lengths(kept, max_draft)
+            waiting = np.concatenate([waiting, call.rows[~buf.done[call.rows]]])
 
 
-def _cut_student_draft(ro, buf, state, rows, draft, teacher: TopK, rng) -> None:
+def next_draft_lengths(kept: np.ndarray, cap: int, shortest: int = 4) -> np.ndarray:
+    """Each row's next draft: twice the drafted tokens the verifier kept last time, within
+    [shortest, cap]. A fully kept draft doubles; a draft cut at once shrinks to ``shortest``."""
+    return np.clip(2 * kept, min(shortest, cap), cap)
+
+
+def _cut_student_draft(ro, buf, state, rows, draft, teacher: TopK, rng) -> np.ndarray:
     """The student drafted, the teacher scored: keep up to the first hand-over, where the
-    teacher writes a token drawn from its top-k."""
+    teacher writes a token drawn from its top-k. Returns the drafted tokens kept per row."""
     tokens, width = draft.tokens, draft.tokens.shape[1]
     teacher = _fit(teacher, width)
     valid = np.arange(width)[None, :] < draft.lengths[:, None]
@@ -217,12 +238,15 @@ def _cut_student_draft(ro, buf, state, rows, draft, teacher: TopK, rng) -> None:
     buf.write(rows, tokens, count, writer, teacher, d.divergence, ro.eos_token_id)
     kept = np.arange(width)[None, :] < count[:, None]
     state.set_rows(rows, advance(ro.policy, rows_state, d, kept))
-    buf.pen[rows] = np.where(has, pen_after_teacher_token(ro.policy), STUDENT)
+    kept_draft = np.where(has, at, draft.lengths)
+    buf.pen[rows] = np.where(has, pen_after_teacher_token(ro.policy, kept_draft), STUDENT)
+    return kept_draft
 
 
-def _cut_teacher_draft(ro, buf, state, rows, draft, student: TopK) -> None:
+def _cut_teacher_draft(ro, buf, state, rows, draft, student: TopK, rng=None) -> np.ndarray:
     """The teacher drafted, the student scored (SWITCH): keep the teacher's tokens up to the
-    first position where the rule gives the student the pen; the student drafts from there."""
+    first position where the rule gives the student the pen; the student drafts from there.
+    Returns the drafted tokens kept per row."""
     width = draft.tokens.shape[1]
     student = _fit(student, width)
     valid = np.arange(width)[None, :] < draft.lengths[:, None]
@@ -237,6 +261,7 @@ def _cut_teacher_draft(ro, buf, state, rows, draft, student: TopK) -> None:
               ro.eos_token_id)
     state.set_rows(rows, advance(ro.policy, rows_state, d, np.arange(width)[None, :] < count[:, None]))
     buf.pen[rows] = np.where(has, STUDENT, TEACHER)
+    return count
 
 
 def _accept_teacher_draft(ro, buf, rows, draft) -> None:

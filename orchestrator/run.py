@@ -135,8 +135,8 @@ def run(cfg: RunConfig) -> Path:
         record["rollout_seconds"] = ro.timings["rollout_seconds"]
 
         trained = learner.train_step(batch)
-        record.update(loss=trained["loss"], grad_norm=trained["grad_norm"],
-                      train_tokens_per_second=trained["tokens_per_second"], train_seconds=trained["seconds"])
+        record.update(loss=trained["loss"], grad_norm=trained["grad_norm"], lr=trained["lr"],
+                      train_tokens_per_second=trained["tokens_per_s"], train_seconds=trained["seconds"])
         record["policy_lag"] = 0  # synchronous: every batch is rolled out by the weights it trains
 
         if step % cfg.schedule.push_every == 0 or step == cfg.schedule.steps:

@@ -7,6 +7,7 @@ The parts run concurrently; ``Pending.result()`` puts the rows back in the calle
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
 from typing import Any, Hashable, Sequence
@@ -38,6 +39,8 @@ def start_service(
             num_gpus=engine.num_gpus,
             max_restarts=max_restarts,
             max_task_retries=0,
+            # vLLM's INFO and WARNING lines (per engine step, per weight load) drown the progress line.
+            runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}},
         ).remote(model, engine, eos_token_id, seed + i, f"{name}-{i}")
         for i in range(engine.replicas)
     ]

@@ -77,3 +77,14 @@ def test_file_errors_name_the_file(tmp_path):
     unknown.write_text("rollout:\n  topk: 5\n")
     with pytest.raises(ConfigError, match=r"unknown.yaml: unknown key rollout.topk \(did you mean rollout.top_k\?\)"):
         load_config(unknown)
+
+
+def test_base_dir_makes_local_paths_absolute_and_leaves_hub_names(tmp_path):
+    cfg = load_config(REPO / "deploy/configs/embedded.yaml", [f"base_dir={tmp_path}"])
+    assert cfg.output_dir == str(tmp_path / "runs/embedded")
+    assert cfg.models.teacher == str(tmp_path / "artifacts/embedded/full/teacher")  # to be built there
+    assert cfg.data.data_files["train"] == str(tmp_path / "artifacts/embedded/full/data/train.jsonl")
+
+    hub = load_config(None, [f"base_dir={tmp_path}", "models.build_embedded=null", "models.teacher=Org/Teacher-7B",
+                             "output_dir=/abs/run"])
+    assert hub.models.teacher == "Org/Teacher-7B" and hub.output_dir == "/abs/run"

@@ -104,11 +104,12 @@ SETTINGS = {
 }
 
 
-def _run(policy, strategy, prompts, references, seed, max_draft, temperature=0.0):
+def _run(policy, strategy, prompts, references, seed, max_draft, temperature=0.0, first_draft=16):
     ro = Rollout(
         policy=from_dict(PolicyConfig, {"name": policy, **SETTINGS.get(policy, {})}),
         cfg=from_dict(RolloutConfig, {"strategy": strategy, "top_k": 5, "max_new_tokens": 24,
-                                      "max_draft_tokens": max_draft, "student_temperature": temperature,
+                                      "max_draft_tokens": max_draft, "first_draft_tokens": first_draft,
+                                      "student_temperature": temperature,
                                       "teacher_temperature": temperature}),
         teacher=FakePool(FakeModel(100 + seed, 2.0)), student=FakePool(FakeModel(200 + seed, 1.0)),
         eos_token_id=EOS, max_model_len=64,
@@ -121,14 +122,15 @@ def _run(policy, strategy, prompts, references, seed, max_draft, temperature=0.0
     policy=st.sampled_from(["on_policy", "teacher", "ground_truth", "mixed", "skd", "switch", "adaswitch"]),
     seed=st.integers(0, 1000),
     max_draft=st.one_of(st.none(), st.integers(1, 9)),
+    first_draft=st.one_of(st.none(), st.integers(1, 9)),
     n=st.integers(1, 6),
 )
-def test_greedy_strategies_agree(policy, seed, max_draft, n):
+def test_greedy_strategies_agree(policy, seed, max_draft, first_draft, n):
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(3, VOCAB, size=rng.integers(1, 5)).tolist() for _ in range(n)]
     references = [rng.integers(3, VOCAB, size=rng.integers(1, 30)).tolist() for _ in range(n)]
     lock = _run(policy, "lockstep", prompts, references, seed, max_draft)
-    dv = _run(policy, "draft_verify", prompts, references, seed, max_draft)
+    dv = _run(policy, "draft_verify", prompts, references, seed, max_draft, first_draft=first_draft)
     np.testing.assert_array_equal(dv.tokens, lock.tokens)
     np.testing.assert_array_equal(dv.response_lengths, lock.response_lengths)
     np.testing.assert_array_equal(dv.writer, lock.writer)
@@ -143,6 +145,14 @@ def test_greedy_strategies_agree(policy, seed, max_draft, n):
             logp = teacher.logprobs(prefix)
             np.testing.assert_allclose(dv.teacher.logprobs[i, j], np.sort(logp)[::-1][:5])
             np.testing.assert_allclose(dv.teacher.token_logprob[i, j], logp[dv.tokens[i, dv.prompt_lengths[i] + j]])
+
+
+def test_draft_lengths_double_when_kept_and_shrink_when_cut():
+    from orchestrator.rollout import next_draft_lengths
+
+    kept = np.array([16, 0, 1, 3, 200])
+    np.testing.assert_array_equal(next_draft_lengths(kept, cap=64), [32, 4, 4, 6, 64])
+    np.testing.assert_array_equal(next_draft_lengths(kept, cap=2), [2, 2, 2, 2, 2])
 
 
 def test_references_fill_whole_rows_and_respect_the_budget():
