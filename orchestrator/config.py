@@ -168,6 +168,9 @@ class RayConfig:
     # Logical CPUs of a local Ray (not used when joining a cluster). None: enough for every
     # engine replica and learner rank the config asks for, and at least the machine's cores.
     num_cpus: int | None = None
+    # Joining a cluster that cannot hold every actor fails at once, naming what is missing;
+    # true waits instead (an autoscaling cluster adds nodes on demand).
+    wait_for_resources: bool = False
 
 
 @dataclass

@@ -40,13 +40,42 @@ def connect_ray(cfg: RunConfig):
     return ray
 
 
+def needed_resources(cfg: RunConfig) -> dict[str, float]:
+    """Ray resources of every actor the run starts: engine replicas and learner ranks."""
+    engines = [cfg.services.teacher, cfg.services.student]
+    return {
+        "CPU": sum(e.replicas * e.num_cpus for e in engines) + cfg.learner.world_size * cfg.learner.num_cpus,
+        "GPU": sum(e.replicas * e.num_gpus for e in engines) + cfg.learner.world_size * cfg.learner.num_gpus,
+    }
+
+
+def missing_resources(needed: dict[str, float], available: dict[str, float]) -> str | None:
+    """What the cluster lacks for ``needed``, in words; None when everything fits."""
+    short = [f"{needed[name]:g} {name} (the cluster has {available.get(name, 0):g})"
+             for name in needed if needed[name] > available.get(name, 0) + 1e-9]
+    return ", ".join(short) or None
+
+
+def check_cluster_fits(cfg: RunConfig) -> None:
+    """Fail before starting anything if the cluster cannot hold every actor: Ray would leave the
+    last actor pending forever, and the run would hang without a word."""
+    import ray
+
+    lacking = missing_resources(needed_resources(cfg), ray.cluster_resources())
+    if lacking is None:
+        return
+    message = (f"the run needs {lacking}: start Ray with more logical CPUs/GPUs (ray start --num-cpus N) "
+               "or lower services.*.replicas, services.*.num_cpus, learner.world_size or learner.num_cpus")
+    if not cfg.ray.wait_for_resources:
+        raise RuntimeError(message)
+    print(f"warning: {message}; waiting for the autoscaler (ray.wait_for_resources=true)")
+
+
 def local_cpus(cfg: RunConfig) -> int:
     """Logical CPUs for a local Ray: every actor the run starts must fit, or it waits forever."""
     if cfg.ray.num_cpus is not None:
         return cfg.ray.num_cpus
-    engines = [cfg.services.teacher, cfg.services.student]
-    wanted = sum(e.replicas * e.num_cpus for e in engines) + cfg.learner.world_size * cfg.learner.num_cpus
-    return max(os.cpu_count() or 1, int(np.ceil(wanted)))
+    return max(os.cpu_count() or 1, int(np.ceil(needed_resources(cfg)["CPU"])))
 
 
 def batch_rows(n_examples: int, cursor: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -89,6 +118,7 @@ def run(cfg: RunConfig) -> Path:
             print(f"{split.source}: skipped {split.skipped_long} prompts longer than {cfg.data.max_prompt_tokens} tokens")
 
     connect_ray(cfg)
+    check_cluster_fits(cfg)
     from services.pool import start_service
     from trainer.group import LearnerGroup
 
