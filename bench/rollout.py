@@ -92,14 +92,13 @@ def main() -> None:
         dv_batch, dv_s, dv_cpu = results["draft_verify"]
         _, lock_s, lock_cpu = results["lockstep"]
         s = dv_batch.stats
-        trips = (s["teacher_calls"] + s["student_calls"]).mean()
-        handovers = s["teacher_calls"] + s["student_calls"]
+        calls = s["teacher_calls"] + s["student_calls"]
         print(f"\n{policy} {' '.join(extra) or '(defaults)'}: teacher-token fraction {s['teacher_fraction'].mean():.3f}, "
               f"switched {s['switched'].mean():.2f}, response length {s['response_length'].mean():.0f}, "
-              f"tokens per round trip {s['response_length'].sum() / handovers.sum():.1f}")
+              f"tokens per round trip {s['response_length'].sum() / calls.sum():.1f}")
         print(f"  lockstep      {lock_s:8.2f}s   coordinator CPU {lock_cpu / lock_s:6.1%}")
         print(f"  draft-verify  {dv_s:8.2f}s   coordinator CPU {dv_cpu / dv_s:6.1%}   "
-              f"round trips/seq {trips:.2f} (teacher {s['teacher_calls'].mean():.2f}, student {s['student_calls'].mean():.2f})")
+              f"round trips/seq {calls.mean():.2f} (teacher {s['teacher_calls'].mean():.2f}, student {s['student_calls'].mean():.2f})")
         print(f"  draft-verify / lockstep = {dv_s / lock_s:.3f}  (speed-up {lock_s / dv_s:.1f}x)")
         print(f"  draft-verify / floor    = {dv_s / floor:.3f}")
     ray.shutdown()

@@ -204,7 +204,6 @@ class RunConfig:
         for engine in (self.services.teacher, self.services.student):
             engine.max_logprobs = max(engine.max_logprobs, self.rollout.top_k)
 
-
     def _resolve_paths(self, base: Path) -> None:
         def local(path: str) -> str:
             return path if Path(path).is_absolute() else str(base / path)

@@ -32,9 +32,9 @@ from orchestrator.policies import (
     decide,
     draw_from_topk,
     first_pen,
+    hands_over_often,
     init_state,
     pen_after_teacher_token,
-    hands_over_often,
     teacher_hands_back,
 )
 from orchestrator.rollout_buffer import RolloutBuffer
@@ -198,11 +198,12 @@ def draft_verify(ro: Rollout, buf: RolloutBuffer, state: PolicyState, rng, row_i
                     send_verify(call, result)
                     continue
                 _accept_teacher_draft(ro, buf, call.rows, result)
+            elif call.pen == STUDENT:
+                kept = _cut_student_draft(ro, buf, state, call.rows, call.draft, result.topk, rng)
             else:
-                cut = _cut_student_draft if call.pen == STUDENT else _cut_teacher_draft
-                kept = cut(ro, buf, state, call.rows, call.draft, result.topk, rng)
-                if adaptive:
-                    draft_length[call.rows] = next_draft_lengths(kept, max_draft)
+                kept = _cut_teacher_draft(ro, buf, state, call.rows, call.draft, result.topk)
+            if call.phase == "verify" and adaptive:
+                draft_length[call.rows] = next_draft_lengths(kept, max_draft)
             waiting = np.concatenate([waiting, call.rows[~buf.done[call.rows]]])
 
 
@@ -243,7 +244,7 @@ def _cut_student_draft(ro, buf, state, rows, draft, teacher: TopK, rng) -> np.nd
     return kept_draft
 
 
-def _cut_teacher_draft(ro, buf, state, rows, draft, student: TopK, rng=None) -> np.ndarray:
+def _cut_teacher_draft(ro, buf, state, rows, draft, student: TopK) -> np.ndarray:
     """The teacher drafted, the student scored (SWITCH): keep the teacher's tokens up to the
     first position where the rule gives the student the pen; the student drafts from there.
     Returns the drafted tokens kept per row."""

@@ -49,12 +49,12 @@ def test_tokenizer_round_trips_text(tokenizer):
 
 
 def test_chat_template(tokenizer):
-    from trainer.embedded.tokenizer import prompt_ids
+    from trainer.text import encode_prompt
 
     messages = [{"role": "user", "content": "Compute 1 + 2."}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert text == "<|user|>\nCompute 1 + 2.\n<|assistant|>\n"
-    ids = prompt_ids(tokenizer, "Compute 1 + 2.")
+    ids = encode_prompt(tokenizer, "Compute 1 + 2.")
     assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(ids) == text
     # a finished conversation renders the assistant turn as response + EOS
@@ -83,11 +83,11 @@ def test_batched_greedy_matches_one_at_a_time(embedded_fast, tokenizer):
 
     from trainer.embedded.models import greedy_generate
     from trainer.embedded.task import read_jsonl
-    from trainer.embedded.tokenizer import prompt_ids
+    from trainer.text import encode_prompt
 
     teacher = AutoModelForCausalLM.from_pretrained(embedded_fast / "teacher")
     rows = read_jsonl(embedded_fast / "data" / "validation.jsonl")[:6]
-    prompts = [prompt_ids(tokenizer, r["prompt"]) for r in rows]
+    prompts = [encode_prompt(tokenizer, r["prompt"]) for r in rows]
     assert len({len(p) for p in prompts}) > 1  # left padding is exercised
     batched = greedy_generate(teacher, tokenizer, prompts, max_new_tokens=48, batch_size=6)
     single = [greedy_generate(teacher, tokenizer, [p], max_new_tokens=48)[0] for p in prompts]

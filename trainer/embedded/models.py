@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from trainer.embedded.tokenizer import prompt_ids, response_ids
+from trainer.text import encode_prompt, encode_response
 
 IGNORE_INDEX = -100
 
@@ -75,7 +75,7 @@ def count_parameters(model):
 def encode_examples(tokenizer, examples):
     """(prompt ids, response ids + EOS) per example, each part tokenized the way it is at
     serving time: the prompt through the chat template, the response on its own."""
-    return [(prompt_ids(tokenizer, e["prompt"]), response_ids(tokenizer, e["response"]))
+    return [(encode_prompt(tokenizer, e["prompt"]), encode_response(tokenizer, e["response"]))
             for e in examples]
 
 

@@ -12,8 +12,6 @@ import string
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from trainer.text import encode_prompt, encode_response
-
 PAD, EOS, USER, ASSISTANT = "<|pad|>", "<|endoftext|>", "<|user|>", "<|assistant|>"
 SPECIAL_TOKENS = [PAD, EOS, USER, ASSISTANT]
 
@@ -67,12 +65,3 @@ def training_texts(examples):
         yield example["prompt"]
         yield example["response"]
 
-
-def prompt_ids(tokenizer, prompt):
-    """Token ids of the chat-formatted prompt, through the same path any chat model uses."""
-    return encode_prompt(tokenizer, prompt)
-
-
-def response_ids(tokenizer, response):
-    """Token ids the model must produce: the response followed by EOS."""
-    return encode_response(tokenizer, response)
