@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,10 @@ GAUGES = {
 # Per-stage wall time, one gauge with a `stage` tag.
 STAGES = ("rollout", "train", "push", "eval", "checkpoint", "startup")
 FIRST_SWITCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+# Ray drops a gauge value that was not set again within two report intervals, so a value set
+# once per step (or once per eval) would vanish from Prometheus between steps: RunMetrics sets
+# every gauge's last value again this often, for as long as the run lives.
+GAUGE_REFRESH_SECONDS = 1.0
 
 
 def rollout_record(batch: MixedBatch, rollout_seconds: float) -> dict:
@@ -66,6 +71,8 @@ class RunMetrics:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.policy = policy
         self._gauges, self._stage, self._first_switch, self._events = {}, None, None, None
+        self._last_values: dict[tuple, tuple] = {}  # (gauge name, tags) -> (gauge, tags, value)
+        self._lock, self._closed = threading.Lock(), threading.Event()
         if export_to_ray:
             self._make_ray_metrics()
 
@@ -83,6 +90,23 @@ class RunMetrics:
         self._replica = Gauge("switchkd_teacher_replica_calls", "Calls served by each teacher replica",
                               tag_keys=("policy", "replica"))
         self._events = Counter("switchkd_events", "Faults and recoveries (restarts, retries)", tag_keys=("policy", "event"))
+        threading.Thread(target=self._refresh_gauges, name="switchkd-gauges", daemon=True).start()
+
+    def _set(self, gauge, value: float, tags: dict) -> None:
+        gauge.set(value, tags=tags)
+        with self._lock:
+            self._last_values[(gauge.info["name"], tuple(sorted(tags.items())))] = (gauge, tags, value)
+
+    def _refresh_gauges(self) -> None:
+        while not self._closed.wait(GAUGE_REFRESH_SECONDS):
+            with self._lock:
+                held = list(self._last_values.values())
+            for gauge, tags, value in held:
+                gauge.set(value, tags=tags)
+
+    def close(self) -> None:
+        """Stop refreshing the gauges (they age out of Ray's endpoint after two report intervals)."""
+        self._closed.set()
 
     def log(self, record: dict) -> None:
         """Append ``record`` to metrics.jsonl and export its numbers to Ray."""
@@ -92,15 +116,15 @@ class RunMetrics:
         for name, gauge in self._gauges.items():
             value = record.get(name)
             if isinstance(value, (int, float)) and math.isfinite(value):
-                gauge.set(float(value), tags=tags)
+                self._set(gauge, float(value), tags)
         if self._stage is not None:
             for stage in STAGES:
                 if f"{stage}_seconds" in record:
-                    self._stage.set(float(record[f"{stage}_seconds"]), tags={**tags, "stage": stage})
+                    self._set(self._stage, float(record[f"{stage}_seconds"]), {**tags, "stage": stage})
             for position in record.get("first_switch_positions", []):
                 self._first_switch.observe(float(position), tags=tags)
             for replica, calls in enumerate(record.get("teacher_replica_calls", [])):
-                self._replica.set(float(calls), tags={**tags, "replica": str(replica)})
+                self._set(self._replica, float(calls), {**tags, "replica": str(replica)})
 
     def event(self, name: str, detail: dict | None = None) -> None:
         """A fault or recovery: counted on Ray and written to the JSONL log."""

@@ -197,6 +197,7 @@ def run(cfg: RunConfig) -> Path:
     }
     report = write_report(run_dir, f"switchkd: {cfg.policy.name} ({cfg.rollout.strategy})", summary)
     print(f"\ndone: exported student {export_dir}, report {report}")
+    metrics.close()
     learner.shutdown()
     return run_dir
 

@@ -93,14 +93,14 @@ def finished_job(ray_head, embedded_fast, tmp_path_factory):
     assert submit.returncode == 0, submit.stdout[-2000:] + submit.stderr[-2000:]
     job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
 
-    # Scrape in the background twice a second: the 3-step job holds its gauges for a few seconds
-    # only, and one `ray job status` call takes seconds on 2 cores.
+    # Scrape in the background twice a second while the job runs: one `ray job status` call takes
+    # seconds on 2 cores, and the job's gauges leave the endpoint soon after it exits.
     scrapes, done = [], threading.Event()
 
     def scrape() -> None:
         while not done.is_set():
             text = _get(f"http://127.0.0.1:{ray_head['metrics']}/metrics")
-            if "ray_switchkd_teacher_fraction" in text:
+            if "ray_switchkd_" in text:
                 scrapes.append(text)
             done.wait(0.5)
 
@@ -115,8 +115,9 @@ def finished_job(ray_head, embedded_fast, tmp_path_factory):
         time.sleep(2)
     done.set()
     scraper.join()
-    # The scrape with the most switchkd series: the one after the last step and eval were set.
-    scraped = max(scrapes, key=lambda text: text.count("ray_switchkd_"), default="")
+    # The last scrape that carries the switch rate: the run keeps every gauge's last value alive,
+    # so it holds the baseline eval, the last step and the stage timings together.
+    scraped = next((text for text in reversed(scrapes) if "ray_switchkd_teacher_fraction" in text), "")
     logs = _cli(["job", "logs", "--address", address, job_id], env).stdout
     return {"status": status, "logs": logs, "run_dir": run_dir, "metrics_text": scraped}
 
