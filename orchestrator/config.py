@@ -198,6 +198,12 @@ class RunConfig:
                 f"policy.skd.top_k: {self.policy.skd.top_k} exceeds rollout.top_k={self.rollout.top_k}; "
                 "the teacher must list at least K ids"
             )
+        context = min(self.services.teacher.max_model_len, self.services.student.max_model_len)
+        if self.data.max_prompt_tokens > context - 2:
+            raise ValueError(
+                f"data.max_prompt_tokens: {self.data.max_prompt_tokens} leaves no room for a response within "
+                f"services.*.max_model_len={context} (at most {context - 2})"
+            )
         if self.base_dir is not None:
             self._resolve_paths(Path(self.base_dir))
         # vLLM refuses a request for more logprobs than the engine was started with.
@@ -216,6 +222,27 @@ class RunConfig:
             if (base / path).exists() or self.models.build_embedded is not None:
                 setattr(self.models, role, local(path))
         self.data.data_files = {split: local(path) for split, path in self.data.data_files.items()}
+
+
+# What a checkpoint's run must share with the run that resumes it: the student's shape and
+# optimizer state, the data order and the method. Anything else (steps, eval cadence, services)
+# may change between a stop and a resume.
+RESUME_KEYS = (
+    "models.teacher", "models.student", "policy.name", "loss.kind", "seed", "data.path", "data.name",
+    "data.data_files", "rollout.prompts_per_step", "learner.world_size", "learner.zero_stage",
+    "learner.optimizer", "learner.precision", "learner.micro_batch_size", "learner.gradient_accumulation_steps",
+)
+
+
+def resume_conflicts(saved: dict, current: dict) -> list[str]:
+    """The RESUME_KEYS whose values differ between a checkpoint's config and this run's (pure logic)."""
+    def get(cfg: dict, dotted: str):
+        for key in dotted.split("."):
+            cfg = cfg.get(key) if isinstance(cfg, dict) else None
+        return cfg
+
+    return [f"{key} was {get(saved, key)!r}, is now {get(current, key)!r}"
+            for key in RESUME_KEYS if get(saved, key) != get(current, key)]
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:

@@ -58,6 +58,8 @@ def tokenize_rows(rows, data: DataConfig, tokenizer, source: str) -> Examples:
     answers = rows[data.answer_field] if data.answer_field in columns else [None] * len(prompts)
     for i, (prompt, reference) in enumerate(zip(prompts, references)):
         for field_name, value in ((data.prompt_field, prompt), (data.response_field, reference)):
+            if value is None:
+                raise DataError(f"{source}: row {i}: field {field_name!r} is missing (null)")
             if not isinstance(value, str):
                 raise DataError(f"{source}: row {i}: field {field_name!r} must be text, got {type(value).__name__} {value!r:.60}")
         if not prompt.strip():

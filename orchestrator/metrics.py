@@ -141,6 +141,13 @@ def read_records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def step_records(records: list[dict]) -> list[dict]:
+    """The training-step records, the last one per step (a step replayed after a learner restart
+    or a resume is logged again), in step order."""
+    last = {r["step"]: r for r in records if "loss" in r}
+    return [last[step] for step in sorted(last)]
+
+
 def _jsonable(record: dict) -> dict:
     out = {}
     for key, value in record.items():

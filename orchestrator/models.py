@@ -30,6 +30,12 @@ def check_causal_lm(model: str, role: str):
         raise ModelError(f"models.{role}: {model} has no readable Hugging Face config ({type(err).__name__}: {err})") from err
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ModelError(f"models.{role}: {model} is a {config.model_type!r} model, not a causal LM")
+    # A model type can have a causal head and still be saved as something else (BERT as a masked LM).
+    causal = set()
+    for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        causal.update([names] if isinstance(names, str) else names)
+    if config.architectures and not causal & set(config.architectures):
+        raise ModelError(f"models.{role}: {model} holds {', '.join(config.architectures)}, not a causal LM")
     return config
 
 

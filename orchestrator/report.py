@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from orchestrator.metrics import STAGES, read_records
+from orchestrator.metrics import STAGES, read_records, step_records
 
 
 def write_report(run_dir: Path, title: str, summary: dict) -> Path:
@@ -16,8 +16,8 @@ def write_report(run_dir: Path, title: str, summary: dict) -> Path:
 
     run_dir = Path(run_dir)
     records = read_records(run_dir)
-    steps = [r for r in records if "loss" in r]
-    evals = [r for r in records if r.get("eval_exact_match") is not None]
+    steps = step_records(records)
+    evals = list({r["step"]: r for r in records if r.get("eval_exact_match") is not None}.values())
     first_switch = [p for r in steps for p in r.get("first_switch_positions", [])]
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))

@@ -39,6 +39,7 @@ from orchestrator.policies import (
 )
 from orchestrator.rollout_buffer import RolloutBuffer
 from services.model_service import raise_errors
+from services.pool import wait_any
 from services.protocol import REFERENCE, STUDENT, TEACHER, MixedBatch, TopK
 
 
@@ -137,8 +138,6 @@ class _Call:
 
 
 def draft_verify(ro: Rollout, buf: RolloutBuffer, state: PolicyState, rng, row_ids, seed, policy_version) -> None:
-    import ray
-
     k = ro.cfg.top_k
     max_draft = ro.cfg.max_draft_tokens or int(buf.budget.max())
     adaptive = ro.cfg.first_draft_tokens is not None and hands_over_often(ro.policy)
@@ -186,7 +185,7 @@ def draft_verify(ro: Rollout, buf: RolloutBuffer, state: PolicyState, rng, row_i
             send_drafts(waiting)
             waiting = waiting[:0]
         if not any(c.pending.ready() for c in calls):
-            ray.wait([ref for c in calls for ref in c.pending.refs], num_returns=1)
+            wait_any([c.pending for c in calls])
         for call in [c for c in calls if c.pending.ready()]:
             calls.remove(call)
             result = call.pending.result()

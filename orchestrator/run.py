@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from orchestrator.config import RunConfig, load_config, save_config, to_dict
+from orchestrator.config import ConfigError, RunConfig, load_config, resume_conflicts, save_config, to_dict
 from orchestrator.data import load_split
 from orchestrator.embedded import ensure_embedded
 from orchestrator.evaluate import evaluate
@@ -24,6 +25,9 @@ from orchestrator.metrics import RunMetrics, read_records, rollout_record
 from orchestrator.models import check_pair
 from orchestrator.report import write_report
 from orchestrator.rollout import Rollout, run_rollout
+from orchestrator.rollout_store import drop_rollouts, load_rollout, rollouts_dir, save_rollout
+from orchestrator.stop import GracefulStop, StopRequested
+from trainer import checkpoint
 
 
 def connect_ray(cfg: RunConfig):
@@ -106,7 +110,6 @@ def run(cfg: RunConfig) -> Path:
     started = time.perf_counter()
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
 
     # Everything that can be wrong with the inputs fails here, before any engine starts.
     ensure_embedded(cfg)
@@ -116,21 +119,30 @@ def run(cfg: RunConfig) -> Path:
     for split in (train, held_out):
         if split.skipped_long:
             print(f"{split.source}: skipped {split.skipped_long} prompts longer than {cfg.data.max_prompt_tokens} tokens")
+    check_resumable(cfg, run_dir)
+    save_config(cfg, run_dir / "config.yaml")
+    if not cfg.resume:  # batches of an earlier run here would be replayed as this run's
+        shutil.rmtree(rollouts_dir(run_dir), ignore_errors=True)
 
     connect_ray(cfg)
     check_cluster_fits(cfg)
     from services.pool import start_service
-    from trainer.group import LearnerGroup
 
+    stop = GracefulStop()
+    # Kept weights let a restarted student replica come back at the latest version within this
+    # job; a new job's services start from the base weights and get the checkpoint's pushed.
+    student_weights = run_dir / "service_weights"
+    shutil.rmtree(student_weights, ignore_errors=True)
     eos = tokenizer.eos_token_id
     teacher = start_service("teacher", cfg.models.teacher, cfg.services.teacher, eos, cfg.seed)
-    student = start_service("student", cfg.models.student, cfg.services.student, eos, cfg.seed)
-    learner = LearnerGroup(cfg.models.student, cfg.learner, cfg.loss, total_steps=cfg.schedule.steps)
+    student = start_service("student", cfg.models.student, cfg.services.student, eos, cfg.seed, str(student_weights))
+    learner = start_learner(cfg)
     max_model_len = min(cfg.services.teacher.max_model_len, cfg.services.student.max_model_len)
     ro = Rollout(cfg.policy, cfg.rollout, teacher, student, eos, max_model_len)
     metrics = RunMetrics(run_dir, cfg.policy.name)
 
-    metrics.event("started", {"policy": cfg.policy.name, "strategy": cfg.rollout.strategy})
+    metrics.event("started", {"policy": cfg.policy.name, "strategy": cfg.rollout.strategy,
+                              "pids": {info["name"]: info["pid"] for info in teacher.infos + student.infos}})
     step, cursor, version = 0, 0, 0
     state = learner.load_latest_checkpoint(str(run_dir)) if cfg.resume else None
     if state is not None:
@@ -148,42 +160,94 @@ def run(cfg: RunConfig) -> Path:
         return {"step": at_step, "eval_exact_match": result["exact_match"], "eval_rouge_l": result["rouge_l"],
                 "eval_n": result["n"], "eval_seconds": time.perf_counter() - t, "weight_version": result["version"]}
 
+    def save_checkpoint(at_step: int) -> float:
+        t = time.perf_counter()
+        learner.save_checkpoint(str(run_dir), at_step, {"step": at_step, "cursor": cursor, "weight_version": version,
+                                                        "config": to_dict(cfg)})
+        drop_rollouts(run_dir, at_step)
+        return time.perf_counter() - t
+
     if step == 0:
         baseline = run_eval(0)
         baseline["startup_seconds"] = startup_seconds
         metrics.log(baseline)
 
     progress = _progress(cfg.schedule.steps, step)
-    while step < cfg.schedule.steps:
-        step += 1
-        record = {"step": step}
+    learner_restarts = 0
+    while step < cfg.schedule.steps and not stop.requested:
+        record = {"step": step + 1}
         indices, sample_ids = batch_rows(len(train), cursor, cfg.rollout.prompts_per_step, cfg.seed)
-        batch = run_rollout(ro, [train.prompt_ids[i] for i in indices], [train.reference_ids[i] for i in indices],
-                            sample_ids, seed=cfg.seed * 1_000_003 + step, policy_version=version)
+        saved = load_rollout(run_dir, step + 1)
+        if saved is not None:  # rolled out before a learner restart or a stop: train on the same tokens
+            batch, rollout_seconds = saved
+            record["replayed"] = True
+        else:
+            try:
+                with stop.interruptible():
+                    batch = run_rollout(ro, [train.prompt_ids[i] for i in indices],
+                                        [train.reference_ids[i] for i in indices], sample_ids,
+                                        seed=cfg.seed * 1_000_003 + step + 1, policy_version=version)
+            except StopRequested:
+                break
+            rollout_seconds = ro.timings["rollout_seconds"]
+            save_rollout(run_dir, step + 1, batch, rollout_seconds)
+        record.update(rollout_record(batch, rollout_seconds))
+        record["rollout_seconds"] = rollout_seconds
+
+        try:
+            trained = learner.train_step(batch)
+            pushed = None
+            if (step + 1) % cfg.schedule.push_every == 0 or step + 1 == cfg.schedule.steps:
+                pushed = learner.push_weights(student, version + 1)
+        except ray_actor_error() as err:
+            dead = learner.dead_ranks()
+            if not dead:
+                raise
+            learner_restarts += 1
+            if learner_restarts > cfg.learner.max_restarts:
+                raise RuntimeError(f"learner rank(s) {dead} died; gave up after "
+                                   f"learner.max_restarts={cfg.learner.max_restarts} restarts") from err
+            learner.shutdown(graceful=False)
+            learner = start_learner(cfg)
+            state = learner.load_latest_checkpoint(str(run_dir))
+            step, cursor = (state["step"], state["cursor"]) if state else (0, 0)
+            version += 1  # the checkpoint's weights (or the base ones), as a new version
+            learner.push_weights(student, version)
+            metrics.event("learner_restarted", {"dead_ranks": dead, "resumed_step": step, "weight_version": version,
+                                                "cause": type(err).__name__})
+            print(f"learner rank(s) {dead} died: new learner group resumed from step {step}")
+            continue
+        step += 1
         cursor += len(indices)
-        record.update(rollout_record(batch, ro.timings["rollout_seconds"]))
-        record["rollout_seconds"] = ro.timings["rollout_seconds"]
-
-        trained = learner.train_step(batch)
         record.update(loss=trained["loss"], grad_norm=trained["grad_norm"], lr=trained["lr"],
-                      train_tokens_per_second=trained["tokens_per_s"], train_seconds=trained["seconds"])
+                      train_tokens_per_second=trained["tokens_per_s"], train_seconds=trained["seconds"],
+                      optimizer_step=trained["optimizer_step"])
         record["policy_lag"] = 0  # synchronous: every batch is rolled out by the weights it trains
-
-        if step % cfg.schedule.push_every == 0 or step == cfg.schedule.steps:
+        if pushed is not None:
             version += 1
-            pushed = learner.push_weights(student, version)
             record["push_seconds"] = pushed["push_s"]
         record["weight_version"] = version
         record["teacher_replica_calls"] = teacher.calls_per_replica.tolist()
-        if step % cfg.schedule.eval_every == 0 or step == cfg.schedule.steps:
+        # A stop skips the eval: the job has seconds before SIGKILL, and the checkpoint comes first.
+        if (step % cfg.schedule.eval_every == 0 or step == cfg.schedule.steps) and not stop.requested:
             record.update(run_eval(step))
-        if step % cfg.schedule.checkpoint_every == 0 or step == cfg.schedule.steps:
-            t = time.perf_counter()
-            learner.save_checkpoint(str(run_dir), step, {"step": step, "cursor": cursor, "weight_version": version,
-                                                         "config": to_dict(cfg)})
-            record["checkpoint_seconds"] = time.perf_counter() - t
+        if step % cfg.schedule.checkpoint_every == 0 or step == cfg.schedule.steps or stop.requested:
+            record["checkpoint_seconds"] = save_checkpoint(step)
+        for event in teacher.take_events() + student.take_events():
+            metrics.event(event.pop("event"), event)
         metrics.log(record)
         progress(step, record)
+
+    if stop.requested:
+        latest = checkpoint.latest_checkpoint(run_dir)
+        if step > 0 and (latest is None or checkpoint.read_run_state(latest)["step"] < step):
+            save_checkpoint(step)
+        metrics.event("stopped", {"signal": stop.signal_name, "step": step})
+        print(f"\nstopped by {stop.signal_name} after step {step}: checkpoint in {run_dir / 'checkpoints'}; "
+              "run again with the same config to resume")
+        metrics.close()
+        learner.shutdown()
+        return run_dir
 
     export_dir = run_dir / "student"
     learner.export_hf(str(export_dir), cfg.models.student)
@@ -200,6 +264,29 @@ def run(cfg: RunConfig) -> Path:
     metrics.close()
     learner.shutdown()
     return run_dir
+
+
+def start_learner(cfg: RunConfig):
+    from trainer.group import LearnerGroup
+
+    return LearnerGroup(cfg.models.student, cfg.learner, cfg.loss, total_steps=cfg.schedule.steps)
+
+
+def ray_actor_error() -> type:
+    import ray
+
+    return ray.exceptions.RayActorError
+
+
+def check_resumable(cfg: RunConfig, run_dir: Path) -> None:
+    """Refuse, before any engine starts, to resume a checkpoint written by an incompatible run."""
+    latest = checkpoint.latest_checkpoint(run_dir) if cfg.resume else None
+    if latest is None:
+        return
+    conflicts = resume_conflicts(checkpoint.read_run_state(latest).get("config", {}), to_dict(cfg))
+    if conflicts:
+        raise ConfigError(f"{latest}: this run cannot resume the checkpoint: {'; '.join(conflicts)}. "
+                          "Use another output_dir, or resume=false to start over in this one")
 
 
 def _progress(total: int, start: int):

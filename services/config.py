@@ -26,6 +26,12 @@ class EngineConfig:
     # Ray resources per replica: GPU clusters set num_gpus = tensor_parallel_size.
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    # Faults. A call part unanswered after request_timeout_s (null: wait forever) counts as hung:
+    # its replica is killed (Ray restarts it) and the part is sent again, at most request_retries
+    # times, as is a part whose replica died. Ray restarts a dead replica up to max_restarts times.
+    request_timeout_s: float | None = 300.0
+    request_retries: int = 1
+    max_restarts: int = 3
     # Anything else vllm.LLM takes, verbatim (e.g. {enforce_eager: true}).
     extra: dict = field(default_factory=dict)
 
@@ -35,5 +41,9 @@ class EngineConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s: must be > 0 or null, got {self.request_timeout_s}")
+        if self.request_retries < 0 or self.max_restarts < 0:
+            raise ValueError("request_retries / max_restarts: must be >= 0")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError("num_cpus / num_gpus: must be >= 0")

@@ -7,6 +7,10 @@ teacher holds the pen; the teacher generates when it drafts), so one class serve
     generate(prefixes, max_new_tokens, k, temperature, top_k, seeds)
     load_weights(blob, version)             new weights in place, prefix cache reset
 
+With ``weights_dir`` set, every load also leaves the blob there (``v000007.safetensors``), and an
+engine starting up loads the newest one before it serves: a replica Ray restarts after a crash
+comes back at the latest weight version, never at the base weights.
+
 Requests go in as token ids (no tokenizer in the engine: teacher and student share one, and the
 coordinator owns it). Results come back as padded numpy arrays (TopK) plus the weight version
 that produced them. A bad request (too long, empty, ids outside the vocabulary, k above
@@ -18,8 +22,10 @@ engine process.
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -61,8 +67,12 @@ def raise_errors(result, what: str = "request") -> None:
         raise RequestError("; ".join(bad))
 
 
+_WEIGHTS_FILE = re.compile(r"^v(\d+)\.safetensors$")
+
+
 class ModelService:
-    def __init__(self, model: str, engine: EngineConfig, eos_token_id: int, seed: int = 0, name: str = "model"):
+    def __init__(self, model: str, engine: EngineConfig, eos_token_id: int, seed: int = 0, name: str = "model",
+                 weights_dir: str | None = None):
         self.name = name
         self.model = model
         self.eos_token_id = eos_token_id
@@ -76,6 +86,9 @@ class ModelService:
 
         self._on_cpu = current_platform.is_cpu()
         self._step_token_budget = self.engine.vllm_config.scheduler_config.max_num_batched_tokens
+        self.weights_dir = Path(weights_dir) if weights_dir else None
+        if self.weights_dir is not None:
+            self._load_kept_weights()
 
     # -- calls ---------------------------------------------------------------------------------
 
@@ -168,7 +181,28 @@ class ModelService:
         # Cached KV blocks were computed with the old weights.
         self.engine.reset_prefix_cache()
         self.version = version
+        if self.weights_dir is not None:
+            self._keep_weights(blob, version)
         return version
+
+    def _keep_weights(self, blob: bytes, version: int) -> None:
+        """Write the blob as v<version>.safetensors (temp file, then rename) and drop older ones."""
+        self.weights_dir.mkdir(parents=True, exist_ok=True)
+        path = self.weights_dir / f"v{version:06d}.safetensors"
+        temp = path.with_suffix(".tmp")
+        temp.write_bytes(blob)
+        os.replace(temp, path)
+        for old in self.weights_dir.iterdir():
+            match = _WEIGHTS_FILE.match(old.name)
+            if match and int(match.group(1)) < version:
+                old.unlink(missing_ok=True)
+
+    def _load_kept_weights(self) -> None:
+        kept = sorted(p for p in self.weights_dir.glob("v*.safetensors") if _WEIGHTS_FILE.match(p.name)) \
+            if self.weights_dir.exists() else []
+        if kept:
+            self.engine.collective_rpc("load_safetensors", args=(kept[-1].read_bytes(),))
+            self.version = int(_WEIGHTS_FILE.match(kept[-1].name).group(1))
 
     def get_version(self) -> int:
         return self.version

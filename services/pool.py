@@ -8,6 +8,7 @@ The parts run concurrently; ``Pending.result()`` puts the rows back in the calle
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
 from typing import Any, Hashable, Sequence
@@ -19,16 +20,18 @@ from services.model_service import ModelService
 from services.protocol import PAD_ID, TopK
 
 STICKY_KEYS_KEPT = 100_000
+RESTART_TIMEOUT_S = 600.0  # how long a call waits for Ray to restart the only replica
 
 
 def start_service(
-    name: str, model: str, engine: EngineConfig, eos_token_id: int, seed: int = 0, max_restarts: int = 0
+    name: str, model: str, engine: EngineConfig, eos_token_id: int, seed: int = 0, weights_dir: str | None = None
 ) -> "ServicePool":
     """Start ``engine.replicas`` ModelService actors for ``model`` and wait until they serve.
 
     The actors are not Ray-named (a name is global to the cluster, so two runs or a rerun after a
     crash would collide); ``name`` labels them instead: ModelService's repr shows it in the Ray
-    dashboard and in every error message.
+    dashboard and in every error message. Ray restarts a dead replica (``engine.max_restarts``);
+    with ``weights_dir`` each replica keeps its latest loaded weights there and comes back with them.
     """
     import ray
 
@@ -37,46 +40,85 @@ def start_service(
         actor_cls.options(
             num_cpus=engine.num_cpus,
             num_gpus=engine.num_gpus,
-            max_restarts=max_restarts,
-            max_task_retries=0,
+            max_restarts=engine.max_restarts,
+            max_task_retries=0,  # the pool retries, so it can move a call to another replica and count it
             # vLLM's INFO and WARNING lines (per engine step, per weight load) drown the progress line.
             runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}},
-        ).remote(model, engine, eos_token_id, seed + i, f"{name}-{i}")
+        ).remote(model, engine, eos_token_id, seed + i, f"{name}-{i}",
+                 None if weights_dir is None else os.path.join(weights_dir, f"{name}-{i}"))
         for i in range(engine.replicas)
     ]
-    pool = ServicePool(actors)
+    pool = ServicePool(actors, name, engine.request_timeout_s, engine.request_retries)
     pool.infos = ray.get([a.info.remote() for a in actors])  # waits for every engine to start
     return pool
+
+
+class ServiceError(RuntimeError):
+    """A service call that failed on every attempt (replica dead or hung); says which and why."""
+
+
+@dataclass
+class _Part:
+    """The rows of one call sent to one replica, with what it takes to send them again."""
+
+    replica: int
+    method: str
+    args: tuple
+    rows: np.ndarray  # the caller's row indices
+    work: int
+    ref: Any = None
+    sent_at: float = 0.0
+    attempts: int = 0
 
 
 @dataclass
 class Pending:
     """Results of one batch call, still running on one or more replicas."""
 
-    refs: list  # one ObjectRef per replica part
-    rows: list[np.ndarray]  # the caller's row indices in each part
+    pool: "ServicePool"
+    parts: list[_Part]
     n: int
 
-    def result(self, timeout: float | None = None):
-        import ray
+    @property
+    def refs(self) -> list:
+        return [p.ref for p in self.parts]
 
-        parts = ray.get(self.refs, timeout=timeout)
-        return merge_parts(parts, self.rows, self.n)
+    def result(self):
+        """Every part's answer, in the caller's row order; failed parts are sent again first."""
+        return merge_parts([self.pool.collect(p) for p in self.parts], [p.rows for p in self.parts], self.n)
 
     def ready(self) -> bool:
+        """All parts answered (or failed, or overran the timeout: ``result`` deals with those)."""
         import ray
 
-        done, _ = ray.wait(self.refs, num_returns=len(self.refs), timeout=0)
-        return len(done) == len(self.refs)
+        done, _ = ray.wait(self.refs, num_returns=len(self.parts), timeout=0)
+        return len(done) == len(self.parts) or self.pool.overdue(self.parts)
+
+
+def wait_any(pendings: list[Pending]) -> None:
+    """Block until one of ``pendings`` is ready or its oldest part reaches the request timeout."""
+    import ray
+
+    parts = [p for pending in pendings for p in pending.parts]
+    deadlines = [pending.pool.deadline(p) for pending in pendings for p in pending.parts]
+    finite = [d for d in deadlines if d is not None]
+    timeout = max(0.0, min(finite) - time.monotonic()) if finite else None
+    ray.wait([p.ref for p in parts], num_returns=1, timeout=timeout)
 
 
 class ServicePool:
-    def __init__(self, actors: list):
+    def __init__(self, actors: list, name: str = "service", request_timeout_s: float | None = None,
+                 request_retries: int = 0):
         self.actors = actors
+        self.name = name
+        self.request_timeout_s = request_timeout_s
+        self.request_retries = request_retries
         self.infos: list[dict] = []
         self._inflight: list[list[tuple[Any, int]]] = [[] for _ in actors]  # (ref, work) per replica
         self._sticky: OrderedDict[Hashable, int] = OrderedDict()
         self.calls_per_replica = np.zeros(len(actors), dtype=np.int64)
+        self.events: list[dict] = []  # faults and retries since the caller last took them
+        self._probes: dict[int, Any] = {}  # replicas seen failing -> an info() call that answers once back
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -84,37 +126,122 @@ class ServicePool:
     # -- the service calls, spread over replicas --------------------------------------------
 
     def score(self, sequences, response_starts, k: int, keys: Sequence[Hashable] | None = None) -> Pending:
-        parts = self._split([len(s) for s in sequences], keys)
-        refs = [
-            self._submit(r, "score", [sequences[i] for i in rows], [response_starts[i] for i in rows], k,
-                         work=sum(len(sequences[i]) for i in rows))
-            for r, rows in parts
+        parts = [
+            self._send(_Part(r, "score", ([sequences[i] for i in rows], [response_starts[i] for i in rows], k),
+                             rows, sum(len(sequences[i]) for i in rows)))
+            for r, rows in self._split([len(s) for s in sequences], keys)
         ]
-        return Pending(refs, [rows for _, rows in parts], len(sequences))
+        return Pending(self, parts, len(sequences))
 
     def generate(self, prefixes, max_new_tokens, k: int, temperature: float = 1.0, top_k: int = -1,
                  seeds: Sequence[int] | None = None, keys: Sequence[Hashable] | None = None) -> Pending:
         budgets = [max_new_tokens] * len(prefixes) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        parts = self._split([len(p) + b for p, b in zip(prefixes, budgets)], keys)
-        refs = [
-            self._submit(r, "generate", [prefixes[i] for i in rows], [budgets[i] for i in rows], k, temperature,
-                         top_k, None if seeds is None else [seeds[i] for i in rows],
-                         work=sum(len(prefixes[i]) + budgets[i] for i in rows))
-            for r, rows in parts
+        parts = [
+            self._send(_Part(r, "generate", ([prefixes[i] for i in rows], [budgets[i] for i in rows], k, temperature,
+                                             top_k, None if seeds is None else [seeds[i] for i in rows]),
+                             rows, sum(len(prefixes[i]) + budgets[i] for i in rows)))
+            for r, rows in self._split([len(p) + b for p, b in zip(prefixes, budgets)], keys)
         ]
-        return Pending(refs, [rows for _, rows in parts], len(prefixes))
+        return Pending(self, parts, len(prefixes))
 
     def load_weights(self, blob: bytes, version: int) -> list[int]:
-        """Every replica gets the same weights; returns once all have them."""
+        """Every replica gets the same weights; returns their versions once all have them. A
+        replica that died meanwhile is waited for: it comes back with its kept weights, and gets
+        these if it kept older ones."""
         import ray
 
         ref = ray.put(blob)  # one copy in the object store, not one per replica
-        return ray.get([a.load_weights.remote(ref, version) for a in self.actors])
+        calls = [a.load_weights.remote(ref, version) for a in self.actors]
+        versions = []
+        for replica, call in enumerate(calls):
+            try:
+                versions.append(ray.get(call))
+            except ray.exceptions.RayActorError:
+                kept = self.wait_until_serving(replica)["version"]
+                versions.append(kept if kept >= version else ray.get(self.actors[replica].load_weights.remote(ref, version)))
+        return versions
 
     def versions(self) -> list[int]:
+        return [self.wait_until_serving(r)["version"] for r in range(len(self.actors))]
+
+    def take_events(self) -> list[dict]:
+        events, self.events = self.events, []
+        return events
+
+    # -- faults -----------------------------------------------------------------------------------
+
+    def deadline(self, part: _Part) -> float | None:
+        return None if self.request_timeout_s is None else part.sent_at + self.request_timeout_s
+
+    def overdue(self, parts: list[_Part]) -> bool:
+        now = time.monotonic()
+        return any((d := self.deadline(p)) is not None and now >= d for p in parts)
+
+    def collect(self, part: _Part):
+        """The answer to ``part``. A replica that died or overran the timeout costs one attempt:
+        a hung replica is killed (Ray restarts it), and the part goes to the least-loaded other
+        replica, or back to the same one (Ray holds calls to a restarting actor until it is up)."""
         import ray
 
-        return ray.get([a.get_version.remote() for a in self.actors])
+        while True:
+            deadline = self.deadline(part)
+            try:
+                return ray.get(part.ref, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except ray.exceptions.GetTimeoutError:
+                cause = f"no answer within request_timeout_s={self.request_timeout_s:g}"
+                ray.kill(self.actors[part.replica], no_restart=False)
+            except ray.exceptions.RayActorError as err:
+                cause = f"the replica died ({type(err).__name__})"
+            self._probes.setdefault(part.replica, self.actors[part.replica].info.remote())
+            label = f"{self.name}-{part.replica}.{part.method} ({len(part.rows)} sequences)"
+            if part.attempts >= self.request_retries:
+                raise ServiceError(f"{label}: {cause}; gave up after {part.attempts + 1} attempt(s) "
+                                   f"(services.*.request_retries={self.request_retries})")
+            self.events.append({"event": "request_retried", "service": self.name, "replica": part.replica,
+                                "method": part.method, "cause": cause})
+            part.attempts += 1
+            part.replica = self._replacement(part.replica)
+            self._send(part)
+
+    def _replacement(self, failed: int) -> int:
+        """The least-loaded other replica; with none, ``failed`` itself once Ray has restarted it."""
+        down = self.down()
+        others = [r for r in range(len(self.actors)) if r != failed and r not in down]
+        if others:
+            loads = self.load()
+            return min(others, key=lambda r: loads[r])
+        self.wait_until_serving(failed)
+        return failed
+
+    def wait_until_serving(self, replica: int, timeout_s: float = RESTART_TIMEOUT_S) -> dict:
+        """Block until ``replica`` answers (Ray refuses calls while it restarts); its info."""
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return ray.get(self.actors[replica].info.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                if time.monotonic() > deadline:
+                    raise ServiceError(f"{self.name}-{replica} did not come back within {timeout_s:g} s of a restart")
+                time.sleep(1.0)
+
+    def down(self) -> set[int]:
+        """Replicas that failed and have not answered since (Ray is restarting them)."""
+        import ray
+
+        for replica, probe in list(self._probes.items()):
+            if not ray.wait([probe], timeout=0)[0]:
+                continue
+            try:
+                info = ray.get(probe)
+            except ray.exceptions.RayActorError:  # still restarting: ask again
+                self._probes[replica] = self.actors[replica].info.remote()
+                continue
+            del self._probes[replica]
+            self.events.append({"event": "replica_restarted", "service": self.name, "replica": replica,
+                                "pid": info["pid"], "version": info["version"]})
+        return set(self._probes)
 
     # -- placement ------------------------------------------------------------------------------
 
@@ -135,6 +262,9 @@ class ServicePool:
     def _split(self, work: list[int], keys) -> list[tuple[int, np.ndarray]]:
         """Assign each row to a replica; returns (replica, rows) for replicas that got any."""
         loads = self.load().astype(np.float64)
+        down = self.down()
+        if len(down) < len(self.actors):  # new work avoids replicas Ray is restarting
+            loads[list(down)] = np.inf
         slack = max(work, default=0) * 4  # how much busier a sticky replica may be than the idlest
         owner = np.empty(len(work), dtype=np.int64)
         for i, w in enumerate(work):  # per sequence, not per token: placement needs the running loads
@@ -151,11 +281,12 @@ class ServicePool:
             loads[r] += w
         return [(r, np.flatnonzero(owner == r)) for r in range(len(self.actors)) if (owner == r).any()]
 
-    def _submit(self, replica: int, method: str, *args, work: int):
-        ref = getattr(self.actors[replica], method).remote(*args)
-        self._inflight[replica].append((ref, work))
-        self.calls_per_replica[replica] += 1
-        return ref
+    def _send(self, part: _Part) -> _Part:
+        part.ref = getattr(self.actors[part.replica], part.method).remote(*part.args)
+        part.sent_at = time.monotonic()
+        self._inflight[part.replica].append((part.ref, part.work))
+        self.calls_per_replica[part.replica] += 1
+        return part
 
 
 def merge_parts(parts: list, rows: list[np.ndarray], n: int):

@@ -39,6 +39,9 @@ class LearnerConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     max_grad_norm: float = 1.0
     keep_checkpoints: int = 2  # the newest N checkpoints stay on disk
+    # A rank that dies (process killed, node lost) takes the group down: the run starts a new
+    # group from the last checkpoint, at most this many times.
+    max_restarts: int = 3
     # Ray resources per rank.
     num_cpus: float = 1.0
     num_gpus: float = 0.0

@@ -85,14 +85,30 @@ class LearnerGroup:
     def export_hf(self, out_dir: str, tokenizer_dir: str | None = None) -> str:
         return self._all("export_hf", str(out_dir), tokenizer_dir)
 
-    def shutdown(self) -> None:
-        """Drop the engines and end the rank actors (their process groups end with them)."""
+    def dead_ranks(self, timeout_s: float = 10.0) -> list[int]:
+        """Ranks whose process is gone. A rank that does not answer in time counts as alive: it may
+        be stuck in a collective, waiting for a dead peer."""
+        pings = [r.address.remote() for r in self.ranks]
+        answered, _ = ray.wait(pings, num_returns=len(pings), timeout=timeout_s)
+        dead = []
+        for rank, ping in enumerate(pings):
+            if ping in answered:
+                try:
+                    ray.get(ping)
+                except ray.exceptions.RayActorError:
+                    dead.append(rank)
+        return dead
+
+    def shutdown(self, graceful: bool = True) -> None:
+        """Drop the engines and end the rank actors (their process groups end with them).
+        ``graceful=False`` (a rank died; the others may be stuck in a collective) just kills them."""
         if not self.ranks:
             return
-        try:
-            ray.get([r.shutdown.remote() for r in self.ranks], timeout=60)
-        except (ray.exceptions.RayError, TimeoutError):
-            pass  # a dead rank cannot leave cleanly; killing it below is enough
+        if graceful:
+            try:
+                ray.get([r.shutdown.remote() for r in self.ranks], timeout=60)
+            except (ray.exceptions.RayError, TimeoutError):
+                pass  # a dead rank cannot leave cleanly; killing it below is enough
         for r in self.ranks:
             ray.kill(r)
         self.ranks = []

@@ -290,6 +290,7 @@ class LearnerRank:
             "forward_s": forward_s,
             "backward_s": backward_s,
             "step_s": step_s,
+            "optimizer_step": int(self.engine.global_steps),  # steps applied to these weights so far
         }
 
     # -- weights out ------------------------------------------------------------------------------

@@ -1,0 +1,68 @@
+"""Rolled-out batches kept on disk until a checkpoint covers them.
+
+Rollout is most of a step's time. Each step's MixedBatch is written before the learner sees it
+(``<run_dir>/rollouts/step-000007.npz``), so a learner that dies, or a job that is stopped,
+replays those batches after restoring its checkpoint instead of rolling them out again: the
+replayed steps train on the very same tokens, so the loss trajectory is the uninterrupted one.
+Files at or below the newest checkpoint's step are dropped.
+
+Plain arrays in an .npz, read with ``allow_pickle=False``: nothing in the file can run code.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from services.protocol import MixedBatch, TopK
+
+_FILE = re.compile(r"^step-(\d+)\.npz$")
+
+
+def rollouts_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "rollouts"
+
+
+def save_rollout(run_dir: str | Path, step: int, batch: MixedBatch, rollout_seconds: float) -> Path:
+    """Write ``batch`` for ``step`` atomically (temp file, then rename)."""
+    arrays = {
+        "tokens": batch.tokens, "prompt_lengths": batch.prompt_lengths, "response_lengths": batch.response_lengths,
+        "writer": batch.writer, "policy_version": batch.policy_version,
+        "teacher_ids": batch.teacher.ids, "teacher_logprobs": batch.teacher.logprobs,
+        "teacher_token_logprob": batch.teacher.token_logprob, "teacher_mask": batch.teacher.mask,
+        "rollout_seconds": np.float64(rollout_seconds),
+        **{f"stats.{name}": value for name, value in batch.stats.items()},
+    }
+    folder = rollouts_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step:06d}.npz"
+    temp = folder / f"step-{step:06d}.tmp.npz"
+    np.savez(temp, **arrays)
+    os.replace(temp, path)
+    return path
+
+
+def load_rollout(run_dir: str | Path, step: int) -> tuple[MixedBatch, float] | None:
+    """The batch saved for ``step`` and its rollout seconds, or None if there is none."""
+    path = rollouts_dir(run_dir) / f"step-{step:06d}.npz"
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as f:
+        teacher = TopK(f["teacher_ids"], f["teacher_logprobs"], f["teacher_token_logprob"], f["teacher_mask"])
+        stats = {name.removeprefix("stats."): f[name] for name in f.files if name.startswith("stats.")}
+        batch = MixedBatch(f["tokens"], f["prompt_lengths"], f["response_lengths"], f["writer"], teacher,
+                           f["policy_version"], stats)
+        return batch, float(f["rollout_seconds"])
+
+
+def drop_rollouts(run_dir: str | Path, up_to_step: int) -> None:
+    """Delete the batches a checkpoint at ``up_to_step`` covers."""
+    folder = rollouts_dir(run_dir)
+    if not folder.exists():
+        return
+    for path in folder.iterdir():
+        match = _FILE.match(path.name)
+        if match and int(match.group(1)) <= up_to_step:
+            path.unlink(missing_ok=True)
