@@ -124,7 +124,7 @@ def run(cfg: RunConfig) -> Path:
     if not cfg.resume:  # batches of an earlier run here would be replayed as this run's
         shutil.rmtree(rollouts_dir(run_dir), ignore_errors=True)
 
-    connect_ray(cfg)
+    ray = connect_ray(cfg)
     check_cluster_fits(cfg)
     from services.pool import start_service
 
@@ -167,6 +167,10 @@ def run(cfg: RunConfig) -> Path:
         drop_rollouts(run_dir, at_step)
         return time.perf_counter() - t
 
+    def log_service_events() -> None:
+        for event in teacher.take_events() + student.take_events():
+            metrics.event(event.pop("event"), event)
+
     if step == 0:
         baseline = run_eval(0)
         baseline["startup_seconds"] = startup_seconds
@@ -199,7 +203,7 @@ def run(cfg: RunConfig) -> Path:
             pushed = None
             if (step + 1) % cfg.schedule.push_every == 0 or step + 1 == cfg.schedule.steps:
                 pushed = learner.push_weights(student, version + 1)
-        except ray_actor_error() as err:
+        except ray.exceptions.RayActorError as err:
             dead = learner.dead_ranks()
             if not dead:
                 raise
@@ -231,14 +235,14 @@ def run(cfg: RunConfig) -> Path:
         # A stop skips the eval: the job has seconds before SIGKILL, and the checkpoint comes first.
         if (step % cfg.schedule.eval_every == 0 or step == cfg.schedule.steps) and not stop.requested:
             record.update(run_eval(step))
-        if step % cfg.schedule.checkpoint_every == 0 or step == cfg.schedule.steps or stop.requested:
+        if step % cfg.schedule.checkpoint_every == 0 or step == cfg.schedule.steps:
             record["checkpoint_seconds"] = save_checkpoint(step)
-        for event in teacher.take_events() + student.take_events():
-            metrics.event(event.pop("event"), event)
+        log_service_events()
         metrics.log(record)
         progress(step, record)
 
     if stop.requested:
+        log_service_events()
         latest = checkpoint.latest_checkpoint(run_dir)
         if step > 0 and (latest is None or checkpoint.read_run_state(latest)["step"] < step):
             save_checkpoint(step)
@@ -270,12 +274,6 @@ def start_learner(cfg: RunConfig):
     from trainer.group import LearnerGroup
 
     return LearnerGroup(cfg.models.student, cfg.learner, cfg.loss, total_steps=cfg.schedule.steps)
-
-
-def ray_actor_error() -> type:
-    import ray
-
-    return ray.exceptions.RayActorError
 
 
 def check_resumable(cfg: RunConfig, run_dir: Path) -> None:

@@ -22,7 +22,6 @@ engine process.
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,9 +64,6 @@ def raise_errors(result, what: str = "request") -> None:
     bad = [f"{what} {i}: {e}" for i, e in enumerate(result.errors) if e is not None]
     if bad:
         raise RequestError("; ".join(bad))
-
-
-_WEIGHTS_FILE = re.compile(r"^v(\d+)\.safetensors$")
 
 
 class ModelService:
@@ -177,13 +173,16 @@ class ModelService:
         """Replace the weights (a safetensors blob of the HF state dict) and record ``version``."""
         if version <= self.version:
             raise ValueError(f"{self.name}: weight version {version} is not newer than the loaded {self.version}")
+        self._apply_weights(blob, version)
+        if self.weights_dir is not None:
+            self._keep_weights(blob, version)
+        return version
+
+    def _apply_weights(self, blob: bytes, version: int) -> None:
         self.engine.collective_rpc("load_safetensors", args=(blob,))
         # Cached KV blocks were computed with the old weights.
         self.engine.reset_prefix_cache()
         self.version = version
-        if self.weights_dir is not None:
-            self._keep_weights(blob, version)
-        return version
 
     def _keep_weights(self, blob: bytes, version: int) -> None:
         """Write the blob as v<version>.safetensors (temp file, then rename) and drop older ones."""
@@ -192,17 +191,15 @@ class ModelService:
         temp = path.with_suffix(".tmp")
         temp.write_bytes(blob)
         os.replace(temp, path)
-        for old in self.weights_dir.iterdir():
-            match = _WEIGHTS_FILE.match(old.name)
-            if match and int(match.group(1)) < version:
+        for old in self.weights_dir.glob("v*.safetensors"):
+            if old != path:
                 old.unlink(missing_ok=True)
 
     def _load_kept_weights(self) -> None:
-        kept = sorted(p for p in self.weights_dir.glob("v*.safetensors") if _WEIGHTS_FILE.match(p.name)) \
-            if self.weights_dir.exists() else []
+        """The newest blob ``_keep_weights`` left (a restart of this replica), if any."""
+        kept = sorted(self.weights_dir.glob("v*.safetensors"))  # zero-padded: the newest sorts last
         if kept:
-            self.engine.collective_rpc("load_safetensors", args=(kept[-1].read_bytes(),))
-            self.version = int(_WEIGHTS_FILE.match(kept[-1].name).group(1))
+            self._apply_weights(kept[-1].read_bytes(), int(kept[-1].stem.removeprefix("v")))
 
     def get_version(self) -> int:
         return self.version

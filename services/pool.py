@@ -99,11 +99,12 @@ def wait_any(pendings: list[Pending]) -> None:
     """Block until one of ``pendings`` is ready or its oldest part reaches the request timeout."""
     import ray
 
-    parts = [p for pending in pendings for p in pending.parts]
-    deadlines = [pending.pool.deadline(p) for pending in pendings for p in pending.parts]
-    finite = [d for d in deadlines if d is not None]
-    timeout = max(0.0, min(finite) - time.monotonic()) if finite else None
-    ray.wait([p.ref for p in parts], num_returns=1, timeout=timeout)
+    refs, deadlines = [], []
+    for pending in pendings:
+        refs += pending.refs
+        deadlines += [d for p in pending.parts if (d := pending.pool.deadline(p)) is not None]
+    timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+    ray.wait(refs, num_returns=1, timeout=timeout)
 
 
 class ServicePool:
@@ -180,7 +181,8 @@ class ServicePool:
     def collect(self, part: _Part):
         """The answer to ``part``. A replica that died or overran the timeout costs one attempt:
         a hung replica is killed (Ray restarts it), and the part goes to the least-loaded other
-        replica, or back to the same one (Ray holds calls to a restarting actor until it is up)."""
+        replica that is up, or back to the same one once Ray has restarted it (Ray refuses calls
+        to a restarting actor)."""
         import ray
 
         while True:
