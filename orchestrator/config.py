@@ -20,7 +20,7 @@ import yaml
 from services.config import EngineConfig
 from trainer.config import LearnerConfig, LossConfig
 
-PolicyName = Literal["on_policy", "teacher", "ground_truth", "mixed", "skd", "switch", "adaswitch"]
+PolicyName = Literal["on_policy", "teacher", "ground_truth", "mixed", "skd", "switch", "adaswitch", "rationale"]
 
 
 class ConfigError(ValueError):
@@ -160,6 +160,40 @@ class ScheduleConfig:
 
 
 @dataclass
+class RationaleConfig:
+    """Teacher-attribution rationales (policy.name=rationale): the attribution stage and the data
+    the student learns from. See README "Rationales" for why each default."""
+
+    # answer_only: plain SFT on the same rows (the baseline); multitask: answer row + rationale
+    # row per example; single_sequence: "Important words: ...\n<answer>"; input_augmentation:
+    # the rationale in the prompt, at training and evaluation (an upper bound: needs the teacher
+    # at inference).
+    format: Literal["answer_only", "multitask", "single_sequence", "input_augmentation"] = "multitask"
+    target: Literal["teacher_greedy", "reference"] = "teacher_greedy"  # the output attributed
+    score: Literal["grad_l1", "grad_l2", "grad_x_input"] = "grad_l1"
+    word_merge: Literal["max", "sum"] = "max"  # a word's score from its sub-word pieces
+    top_words: int = 6  # K
+    extra_stopwords: list[str] = field(default_factory=list)
+    train_rows: int | None = 2048  # the first N train rows are attributed and trained on; null: all
+    max_new_tokens: int = 256  # of the teacher's greedy answer
+    # Where the rationales are cached; null: next to the split's data file (rationales/<teacher>-<hash>/).
+    cache_dir: str | None = None
+    shard_rows: int = 256  # rows per shard: the unit that is cached and retried
+    workers: int = 1  # teacher copies (Ray actors)
+    batch_size: int = 16  # rows per forward/backward in a worker
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_restarts: int = 3  # of a crashed worker; its shard is sent again
+
+    def __post_init__(self) -> None:
+        for name in ("top_words", "shard_rows", "workers", "batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.train_rows is not None and self.train_rows < 1:
+            raise ValueError(f"train_rows: must be >= 1 or null, got {self.train_rows}")
+
+
+@dataclass
 class RayConfig:
     address: str | None = None  # None: the cluster a job was submitted to, else a local one
     # Loopback unless a person says otherwise: a Ray head on 0.0.0.0 is open to the network.
@@ -191,8 +225,12 @@ class RunConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    rationale: RationaleConfig = field(default_factory=RationaleConfig)
 
     def __post_init__(self) -> None:
+        if self.policy.name == "rationale" and self.loss.kind != "cross_entropy":
+            raise ValueError(f"loss.kind: policy.name=rationale trains on text and needs loss.kind=cross_entropy, "
+                             f"got {self.loss.kind!r}")
         if self.policy.name == "skd" and self.policy.skd.top_k > self.rollout.top_k:
             raise ValueError(
                 f"policy.skd.top_k: {self.policy.skd.top_k} exceeds rollout.top_k={self.rollout.top_k}; "
@@ -222,6 +260,8 @@ class RunConfig:
             if (base / path).exists() or self.models.build_embedded is not None:
                 setattr(self.models, role, local(path))
         self.data.data_files = {split: local(path) for split, path in self.data.data_files.items()}
+        if self.rationale.cache_dir is not None:
+            self.rationale.cache_dir = local(self.rationale.cache_dir)
 
 
 # What a checkpoint's run must share with the run that resumes it: the student's shape and
@@ -229,7 +269,7 @@ class RunConfig:
 # may change between a stop and a resume.
 RESUME_KEYS = (
     "models.teacher", "models.student", "policy.name", "loss.kind", "seed", "data.path", "data.name",
-    "data.data_files", "rollout.prompts_per_step", "learner.world_size", "learner.zero_stage",
+    "data.data_files", "rollout.prompts_per_step", "rationale.format", "learner.world_size", "learner.zero_stage",
     "learner.optimizer", "learner.precision", "learner.micro_batch_size", "learner.gradient_accumulation_steps",
 )
 

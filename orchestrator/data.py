@@ -84,3 +84,9 @@ def tokenize_rows(rows, data: DataConfig, tokenizer, source: str) -> Examples:
         reference_ids=[encode_response(tokenizer, references[i]) for i in keep],
         skipped_long=skipped,
     )
+
+
+def with_prompts(examples: Examples, prompts: list[str], tokenizer, use_chat_template: bool = True) -> Examples:
+    """The same examples with other prompt texts (e.g. a rationale added), tokenized again."""
+    return Examples(examples.source, prompts, examples.references, examples.answers,
+                    [encode_prompt(tokenizer, p, use_chat_template) for p in prompts], examples.reference_ids, 0)

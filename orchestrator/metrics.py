@@ -34,6 +34,8 @@ GAUGES = {
     "eval_exact_match": "Exact match of the final answer on the held-out split (student, greedy)",
     "eval_rouge_l": "Rouge-L F1 on the held-out split (student, greedy)",
     "step": "Training step",
+    "attribution_rows_per_second": "Rows per second through the attribution stage (rationale method)",
+    "attribution_progress": "Share of the attribution stage's shards finished (rationale method)",
 }
 # Per-stage wall time, one gauge with a `stage` tag.
 STAGES = ("rollout", "train", "push", "eval", "checkpoint", "startup")

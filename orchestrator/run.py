@@ -45,12 +45,17 @@ def connect_ray(cfg: RunConfig):
 
 
 def needed_resources(cfg: RunConfig) -> dict[str, float]:
-    """Ray resources of every actor the run starts: engine replicas and learner ranks."""
-    engines = [cfg.services.teacher, cfg.services.student]
-    return {
+    """Ray resources of every actor the run holds at once: engine replicas and learner ranks (the
+    rationale method has no teacher engine; its attribution workers end before the rest starts)."""
+    engines = [cfg.services.student] if cfg.policy.name == "rationale" else [cfg.services.teacher, cfg.services.student]
+    needed = {
         "CPU": sum(e.replicas * e.num_cpus for e in engines) + cfg.learner.world_size * cfg.learner.num_cpus,
         "GPU": sum(e.replicas * e.num_gpus for e in engines) + cfg.learner.world_size * cfg.learner.num_gpus,
     }
+    if cfg.policy.name == "rationale":
+        needed["CPU"] = max(needed["CPU"], cfg.rationale.num_cpus)  # one worker is enough to make progress
+        needed["GPU"] = max(needed["GPU"], cfg.rationale.num_gpus)
+    return needed
 
 
 def missing_resources(needed: dict[str, float], available: dict[str, float]) -> str | None:
@@ -128,21 +133,32 @@ def run(cfg: RunConfig) -> Path:
     check_cluster_fits(cfg)
     from services.pool import start_service
 
+    metrics = RunMetrics(run_dir, cfg.policy.name)
+    rationale_rows, postprocess = None, None
+    if cfg.policy.name == "rationale":  # the attribution stage first: it needs the CPUs/GPUs to itself
+        from orchestrator.rationale_data import prepare
+
+        rationale_rows, held_out, postprocess, summary = prepare(cfg, tokenizer, train, held_out, metrics)
+        metrics.event("rationales_ready", summary)
+        print(f"rationales: {summary}")
+
     stop = GracefulStop()
     # Kept weights let a restarted student replica come back at the latest version within this
     # job; a new job's services start from the base weights and get the checkpoint's pushed.
     student_weights = run_dir / "service_weights"
     shutil.rmtree(student_weights, ignore_errors=True)
     eos = tokenizer.eos_token_id
-    teacher = start_service("teacher", cfg.models.teacher, cfg.services.teacher, eos, cfg.seed)
+    teacher = None if rationale_rows is not None else start_service(
+        "teacher", cfg.models.teacher, cfg.services.teacher, eos, cfg.seed)
     student = start_service("student", cfg.models.student, cfg.services.student, eos, cfg.seed, str(student_weights))
+    pools = [p for p in (teacher, student) if p is not None]
     learner = start_learner(cfg)
     max_model_len = min(cfg.services.teacher.max_model_len, cfg.services.student.max_model_len)
-    ro = Rollout(cfg.policy, cfg.rollout, teacher, student, eos, max_model_len)
-    metrics = RunMetrics(run_dir, cfg.policy.name)
+    ro = Rollout(cfg.policy, cfg.rollout, teacher, student, eos, max_model_len) if teacher is not None else None
+    n_train = len(train) if rationale_rows is None else len(rationale_rows)
 
     metrics.event("started", {"policy": cfg.policy.name, "strategy": cfg.rollout.strategy,
-                              "pids": {info["name"]: info["pid"] for info in teacher.infos + student.infos}})
+                              "pids": {info["name"]: info["pid"] for pool in pools for info in pool.infos}})
     step, cursor, version = 0, 0, 0
     state = learner.load_latest_checkpoint(str(run_dir)) if cfg.resume else None
     if state is not None:
@@ -156,7 +172,7 @@ def run(cfg: RunConfig) -> Path:
     def run_eval(at_step: int) -> dict:
         t = time.perf_counter()
         result = evaluate(student, held_out, tokenizer, cfg.schedule.eval_examples, cfg.rollout.max_new_tokens,
-                          max_model_len)
+                          max_model_len, postprocess)
         return {"step": at_step, "eval_exact_match": result["exact_match"], "eval_rouge_l": result["rouge_l"],
                 "eval_n": result["n"], "eval_seconds": time.perf_counter() - t, "weight_version": result["version"]}
 
@@ -168,7 +184,7 @@ def run(cfg: RunConfig) -> Path:
         return time.perf_counter() - t
 
     def log_service_events() -> None:
-        for event in teacher.take_events() + student.take_events():
+        for event in [e for pool in pools for e in pool.take_events()]:
             metrics.event(event.pop("event"), event)
 
     if step == 0:
@@ -180,11 +196,15 @@ def run(cfg: RunConfig) -> Path:
     learner_restarts = 0
     while step < cfg.schedule.steps and not stop.requested:
         record = {"step": step + 1}
-        indices, sample_ids = batch_rows(len(train), cursor, cfg.rollout.prompts_per_step, cfg.seed)
+        indices, sample_ids = batch_rows(n_train, cursor, cfg.rollout.prompts_per_step, cfg.seed)
         saved = load_rollout(run_dir, step + 1)
         if saved is not None:  # rolled out before a learner restart or a stop: train on the same tokens
             batch, rollout_seconds = saved
             record["replayed"] = True
+        elif rationale_rows is not None:  # fixed text: nothing to roll out
+            t = time.perf_counter()
+            batch = rationale_rows.batch(indices, version)
+            rollout_seconds = time.perf_counter() - t
         else:
             try:
                 with stop.interruptible():
@@ -231,7 +251,8 @@ def run(cfg: RunConfig) -> Path:
             version += 1
             record["push_seconds"] = pushed["push_s"]
         record["weight_version"] = version
-        record["teacher_replica_calls"] = teacher.calls_per_replica.tolist()
+        if teacher is not None:
+            record["teacher_replica_calls"] = teacher.calls_per_replica.tolist()
         # A stop skips the eval: the job has seconds before SIGKILL, and the checkpoint comes first.
         if (step % cfg.schedule.eval_every == 0 or step == cfg.schedule.steps) and not stop.requested:
             record.update(run_eval(step))

@@ -15,6 +15,7 @@ masked out):
     skew_kl          KL(p ‖ α·p + (1−α)·q)                                  (DistiLLM)
     skew_reverse_kl  KL(q ‖ (1−α)·p + α·q)                                  (DistiLLM)
     tvd              ½·Σ|p − q|
+    cross_entropy    −log q(y_t): no teacher term (SFT, the rationale method)
 """
 from __future__ import annotations
 
@@ -96,17 +97,21 @@ def distillation_loss(
     loss: LossConfig,
     target_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean over masked positions of the divergence (plus ce_weight · cross-entropy).
+    """Mean over masked positions of the divergence (plus ce_weight · cross-entropy; only the
+    cross-entropy for kind ``cross_entropy``).
 
     All arguments are aligned per response position: ``student_logits[..., t, :]`` is the
     student's prediction of the token at position t, ``target_tokens[..., t]`` that token.
     """
-    teacher, student = bucket_logprobs(student_logits, teacher_ids, teacher_logprobs)
-    per_token = token_divergence(teacher, student, loss)
-    if loss.ce_weight > 0:
+    ce_weight = 1.0 if loss.kind == "cross_entropy" else loss.ce_weight
+    per_token = torch.zeros_like(mask, dtype=torch.float32)
+    if loss.kind != "cross_entropy":
+        teacher, student = bucket_logprobs(student_logits, teacher_ids, teacher_logprobs)
+        per_token = token_divergence(teacher, student, loss)
+    if ce_weight > 0:
         if target_tokens is None:
-            raise ValueError("ce_weight > 0 needs target_tokens")
-        per_token = per_token + loss.ce_weight * F.cross_entropy(
+            raise ValueError("cross-entropy needs target_tokens")
+        per_token = per_token + ce_weight * F.cross_entropy(
             student_logits.float().flatten(0, -2), target_tokens.flatten(), reduction="none"
         ).view_as(per_token)
     weights = mask.to(per_token.dtype)
