@@ -172,7 +172,7 @@ class RationaleConfig:
     target: Literal["teacher_greedy", "reference"] = "teacher_greedy"  # the output attributed
     score: Literal["grad_l1", "grad_l2", "grad_x_input"] = "grad_l1"
     word_merge: Literal["max", "sum"] = "max"  # a word's score from its sub-word pieces
-    top_words: int = 6  # K
+    top_words: int = 10  # K, chosen on the validation split (README "Rationales")
     extra_stopwords: list[str] = field(default_factory=list)
     train_rows: int | None = 2048  # the first N train rows are attributed and trained on; null: all
     max_new_tokens: int = 256  # of the teacher's greedy answer

@@ -183,6 +183,13 @@ def run(cfg: RunConfig) -> Path:
         drop_rollouts(run_dir, at_step)
         return time.perf_counter() - t
 
+    def release() -> None:
+        """End what the run started, so a driver that runs several (bench/) does not pile engines up."""
+        metrics.close()
+        learner.shutdown()
+        for pool in pools:
+            pool.shutdown()
+
     def log_service_events() -> None:
         for event in [e for pool in pools for e in pool.take_events()]:
             metrics.event(event.pop("event"), event)
@@ -270,8 +277,7 @@ def run(cfg: RunConfig) -> Path:
         metrics.event("stopped", {"signal": stop.signal_name, "step": step})
         print(f"\nstopped by {stop.signal_name} after step {step}: checkpoint in {run_dir / 'checkpoints'}; "
               "run again with the same config to resume")
-        metrics.close()
-        learner.shutdown()
+        release()
         return run_dir
 
     export_dir = run_dir / "student"
@@ -286,8 +292,7 @@ def run(cfg: RunConfig) -> Path:
     }
     report = write_report(run_dir, f"switchkd: {cfg.policy.name} ({cfg.rollout.strategy})", summary)
     print(f"\ndone: exported student {export_dir}, report {report}")
-    metrics.close()
-    learner.shutdown()
+    release()
     return run_dir
 
 

@@ -124,6 +124,13 @@ class ServicePool:
     def __len__(self) -> int:
         return len(self.actors)
 
+    def shutdown(self) -> None:
+        """End every replica (its vLLM engine process goes with it)."""
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
     # -- the service calls, spread over replicas --------------------------------------------
 
     def score(self, sequences, response_starts, k: int, keys: Sequence[Hashable] | None = None) -> Pending:

@@ -24,7 +24,7 @@ class AttributionSettings:
     target: str = "teacher_greedy"  # or "reference": the dataset's answer is the attributed output
     score: ScoreKind = "grad_l1"
     word_merge: str = "max"
-    top_words: int = 6
+    top_words: int = 10
     max_new_tokens: int = 256  # of the teacher's greedy answer
     extra_stopwords: tuple[str, ...] = ()
     use_chat_template: bool = True

@@ -87,7 +87,7 @@ def test_killed_stage_resumes_to_the_same_rationales_and_a_run_trains_on_them(em
         assert got[name].read_text() == expected[name].read_text(), name
     rows = [json.loads(line) for p in got.values() for line in p.read_text().splitlines()]
     assert [r["index"] for r in rows] == list(range(96))
-    assert all(1 <= len(r["rationale"]) <= 6 for r in rows)
+    assert all(1 <= len(r["rationale"]) <= 10 for r in rows)
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert summary["rows"] == 96 and 0.0 < summary["answer_overlap"] <= 1.0
 
