@@ -152,6 +152,9 @@ class ScheduleConfig:
     checkpoint_every: int = 10
     push_every: int = 1  # push learner weights to the student service every N steps
     eval_examples: int = 64
+    # Stop once the learner has seen this many response tokens (null: no limit): methods whose
+    # responses differ in length get the same training budget.
+    max_train_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "eval_every", "checkpoint_every", "push_every", "eval_examples"):

@@ -64,6 +64,10 @@ def rollout_record(batch: MixedBatch, rollout_seconds: float) -> dict:
         "response_length_mean": float(batch.response_lengths.mean()),
         "rollout_tokens": tokens,
         "rollout_tokens_per_second": tokens / max(rollout_seconds, 1e-9),
+        # Per row, so switch statistics can be split by response length afterwards (bench/methods.py).
+        "row_response_lengths": batch.response_lengths.tolist(),
+        "row_teacher_fractions": np.round(s["teacher_fraction"], 4).tolist(),
+        "row_first_switch": s["first_switch"].tolist(),
     }
 
 

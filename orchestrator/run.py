@@ -9,6 +9,7 @@ continues from it: the learner, the data cursor and the student's weight version
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -21,7 +22,7 @@ from orchestrator.config import ConfigError, RunConfig, load_config, resume_conf
 from orchestrator.data import load_split
 from orchestrator.embedded import ensure_embedded
 from orchestrator.evaluate import evaluate
-from orchestrator.metrics import RunMetrics, read_records, rollout_record
+from orchestrator.metrics import RunMetrics, read_records, rollout_record, step_records
 from orchestrator.models import check_pair
 from orchestrator.report import write_report
 from orchestrator.rollout import Rollout, run_rollout
@@ -111,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(cfg: RunConfig) -> Path:
+def run(cfg: RunConfig, services: tuple | None = None) -> Path:
+    """One run. ``services`` (teacher pool, student pool) reuses engines a caller started
+    (bench/methods.py runs many methods on one pair); the run then leaves them up."""
     started = time.perf_counter()
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -148,10 +151,15 @@ def run(cfg: RunConfig) -> Path:
     student_weights = run_dir / "service_weights"
     shutil.rmtree(student_weights, ignore_errors=True)
     eos = tokenizer.eos_token_id
-    teacher = None if rationale_rows is not None else start_service(
-        "teacher", cfg.models.teacher, cfg.services.teacher, eos, cfg.seed)
-    student = start_service("student", cfg.models.student, cfg.services.student, eos, cfg.seed, str(student_weights))
-    pools = [p for p in (teacher, student) if p is not None]
+    if services is not None:
+        teacher, student = services
+        pools = []  # the caller's: not ended here
+    else:
+        teacher = None if rationale_rows is not None else start_service(
+            "teacher", cfg.models.teacher, cfg.services.teacher, eos, cfg.seed)
+        student = start_service("student", cfg.models.student, cfg.services.student, eos, cfg.seed,
+                                str(student_weights))
+        pools = [p for p in (teacher, student) if p is not None]
     learner = start_learner(cfg)
     max_model_len = min(cfg.services.teacher.max_model_len, cfg.services.student.max_model_len)
     ro = Rollout(cfg.policy, cfg.rollout, teacher, student, eos, max_model_len) if teacher is not None else None
@@ -167,12 +175,18 @@ def run(cfg: RunConfig) -> Path:
             learner.push_weights(student, version)
         metrics.event("resumed", {"step": step, "weight_version": version})
         print(f"resumed from step {step} (weight version {version})")
+    elif services is not None and max(student.versions()) > 0:  # a reused student: back to the base weights
+        version = max(student.versions()) + 1
+        learner.push_weights(student, version)
     startup_seconds = time.perf_counter() - started
 
     def run_eval(at_step: int) -> dict:
         t = time.perf_counter()
         result = evaluate(student, held_out, tokenizer, cfg.schedule.eval_examples, cfg.rollout.max_new_tokens,
                           max_model_len, postprocess)
+        (run_dir / "eval").mkdir(exist_ok=True)  # per-row outputs and scores, for reading and for bench/
+        with open(run_dir / "eval" / f"step-{at_step:06d}.jsonl", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in result["rows"])
         return {"step": at_step, "eval_exact_match": result["exact_match"], "eval_rouge_l": result["rouge_l"],
                 "eval_n": result["n"], "eval_seconds": time.perf_counter() - t, "weight_version": result["version"]}
 
@@ -201,7 +215,8 @@ def run(cfg: RunConfig) -> Path:
 
     progress = _progress(cfg.schedule.steps, step)
     learner_restarts = 0
-    while step < cfg.schedule.steps and not stop.requested:
+    trained_tokens = sum(r.get("rollout_tokens", 0) for r in step_records(read_records(run_dir))) if step else 0
+    while step < cfg.schedule.steps and not stop.requested and trained_tokens < (cfg.schedule.max_train_tokens or np.inf):
         record = {"step": step + 1}
         indices, sample_ids = batch_rows(n_train, cursor, cfg.rollout.prompts_per_step, cfg.seed)
         saved = load_rollout(run_dir, step + 1)
@@ -228,7 +243,9 @@ def run(cfg: RunConfig) -> Path:
         try:
             trained = learner.train_step(batch)
             pushed = None
-            if (step + 1) % cfg.schedule.push_every == 0 or step + 1 == cfg.schedule.steps:
+            final = step + 1 == cfg.schedule.steps or (
+                trained_tokens + batch.response_lengths.sum() >= (cfg.schedule.max_train_tokens or np.inf))
+            if (step + 1) % cfg.schedule.push_every == 0 or final:
                 pushed = learner.push_weights(student, version + 1)
         except ray.exceptions.RayActorError as err:
             dead = learner.dead_ranks()
@@ -250,6 +267,7 @@ def run(cfg: RunConfig) -> Path:
             continue
         step += 1
         cursor += len(indices)
+        trained_tokens += int(batch.response_lengths.sum())
         record.update(loss=trained["loss"], grad_norm=trained["grad_norm"], lr=trained["lr"],
                       train_tokens_per_second=trained["tokens_per_s"], train_seconds=trained["seconds"],
                       optimizer_step=trained["optimizer_step"])
@@ -261,9 +279,10 @@ def run(cfg: RunConfig) -> Path:
         if teacher is not None:
             record["teacher_replica_calls"] = teacher.calls_per_replica.tolist()
         # A stop skips the eval: the job has seconds before SIGKILL, and the checkpoint comes first.
-        if (step % cfg.schedule.eval_every == 0 or step == cfg.schedule.steps) and not stop.requested:
+        last = step == cfg.schedule.steps or trained_tokens >= (cfg.schedule.max_train_tokens or np.inf)
+        if (step % cfg.schedule.eval_every == 0 or last) and not stop.requested:
             record.update(run_eval(step))
-        if step % cfg.schedule.checkpoint_every == 0 or step == cfg.schedule.steps:
+        if step % cfg.schedule.checkpoint_every == 0 or last:
             record["checkpoint_seconds"] = save_checkpoint(step)
         log_service_events()
         metrics.log(record)

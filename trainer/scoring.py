@@ -65,4 +65,5 @@ def score_batch(predictions, answers, references):
         return {"exact_match": 0.0, "rouge_l": 0.0, "n": 0}
     em = [exact_match(p, a) for p, a in zip(predictions, answers)]
     rl = [rouge_l(p, r) for p, r in zip(predictions, references)]
-    return {"exact_match": float(np.mean(em)), "rouge_l": float(np.mean(rl)), "n": n}
+    return {"exact_match": float(np.mean(em)), "rouge_l": float(np.mean(rl)), "n": n,
+            "exact_match_rows": em, "rouge_l_rows": rl}

@@ -10,11 +10,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file, save
 
+from processes import child_pids
 from services.pool import ServiceError, ServicePool, start_service
 
 REPO = Path(__file__).resolve().parents[2]
@@ -95,17 +95,6 @@ def _wait_for(run: subprocess.Popen, run_dir: Path, condition, what: str, timeou
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _learner_pids(run: subprocess.Popen) -> list[int]:
-    found = []
-    for child in psutil.Process(run.pid).children(recursive=True):
-        try:
-            if "ray::LearnerRank" in " ".join(child.cmdline()):
-                found.append(child.pid)
-        except psutil.Error:
-            pass
-    return found
-
-
 def _step_logged(step: int):
     return lambda records: any(r.get("step") == step and "loss" in r for r in records)
 
@@ -131,7 +120,7 @@ def test_run_survives_killed_teacher_student_and_learner_then_stops_and_resumes(
         _wait_for(run, run_dir, _step_logged(2), "step 2")
         os.kill(pids["student-0"], signal.SIGKILL)  # the only student replica
         _wait_for(run, run_dir, _step_logged(5), "step 5")  # a checkpoint at 4, step 5 applied after it
-        learner = _learner_pids(run)
+        learner = child_pids(run.pid, "ray::LearnerRank")
         assert len(learner) == 2, learner
         os.kill(learner[1], signal.SIGKILL)
         _wait_for(run, run_dir, lambda rs: any(r.get("event") == "learner_restarted" for r in rs)

@@ -10,7 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
+import numpy as np
+import pytest
+from processes import child_pids
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
@@ -40,17 +42,6 @@ def _wait_shards(run: subprocess.Popen, cache: Path, n: int, timeout: float = 30
         time.sleep(0.2)
 
 
-def _worker_pids(run: subprocess.Popen) -> list[int]:
-    found = []
-    for child in psutil.Process(run.pid).children(recursive=True):
-        try:
-            if "AttributionWorker" in " ".join(child.cmdline()):
-                found.append(child.pid)
-        except psutil.Error:
-            pass
-    return found
-
-
 def test_killed_stage_resumes_to_the_same_rationales_and_a_run_trains_on_them(embedded_fast, tmp_path):
     clean, broken = tmp_path / "clean", tmp_path / "broken"
     whole = subprocess.run(_stage(embedded_fast, clean), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
@@ -63,7 +54,7 @@ def test_killed_stage_resumes_to_the_same_rationales_and_a_run_trains_on_them(em
                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         _wait_shards(run, broken, 1)
-        workers = _worker_pids(run)
+        workers = child_pids(run.pid, "AttributionWorker")
         assert len(workers) == 1, workers
         os.kill(workers[0], signal.SIGKILL)
         _wait_shards(run, broken, 3)
@@ -97,8 +88,8 @@ def test_killed_stage_resumes_to_the_same_rationales_and_a_run_trains_on_them(em
     trained = subprocess.run(
         [sys.executable, "-m", "orchestrator.run", "--config", "deploy/configs/embedded-rationale.yaml",
          *_overrides(embedded_fast, tmp_path / "run-cache"), f"output_dir={run_dir}", "rationale.train_rows=32",
-         "rollout.prompts_per_step=32", "rollout.max_new_tokens=96", "schedule.steps=3", "schedule.eval_every=3",
-         "schedule.checkpoint_every=3", "schedule.eval_examples=8"],
+         "rollout.prompts_per_step=32", "rollout.max_new_tokens=96", "schedule.steps=8", "schedule.eval_every=100",
+         "schedule.checkpoint_every=100", "schedule.eval_examples=8", "schedule.max_train_tokens=7000"],
         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -108,7 +99,13 @@ def test_killed_stage_resumes_to_the_same_rationales_and_a_run_trains_on_them(em
     ready = next(r for r in records if r.get("event") == "rationales_ready")
     assert ready["rationale_format"] == "multitask" and ready["rationale_train_rows"] == 32
     steps = [r for r in records if "loss" in r]
-    assert [r["step"] for r in steps] == [1, 2, 3] and steps[-1]["loss"] < steps[0]["loss"]
-    assert steps[-1]["weight_version"] == 3 and "eval_exact_match" in steps[-1]
+    # The token budget ends the run: the last step crossed it, the one before had not.
+    seen = np.cumsum([r["rollout_tokens"] for r in steps])
+    assert 3 <= len(steps) < 8 and seen[-1] >= 7000 > seen[-2], seen
+    assert [r["step"] for r in steps] == list(range(1, len(steps) + 1)) and steps[-1]["loss"] < steps[0]["loss"]
+    assert steps[-1]["weight_version"] == len(steps) and "eval_exact_match" in steps[-1]
+    final_eval = [json.loads(line) for line in (run_dir / "eval" / f"step-{len(steps):06d}.jsonl").read_text().splitlines()]
+    assert len(final_eval) == 8 and {"exact_match", "rouge_l", "reference_tokens", "output"} <= set(final_eval[0])
+    assert np.mean([r["rouge_l"] for r in final_eval]) == pytest.approx(steps[-1]["eval_rouge_l"])
     assert not any(r.get("event") == "started" and "teacher-0" in r["pids"] for r in records)  # no teacher engine
     assert (run_dir / "student" / "model.safetensors").exists()

@@ -1,0 +1,181 @@
+"""Does it distil? Every method on the embedded task, the same training budget, several seeds.
+
+    python bench/methods.py                              # each method with its paper's loss, seeds 0 1 2, test split
+    python bench/methods.py --common-loss forward_kl     # the extra rows: every method with one loss
+    python bench/methods.py --grid                       # SWITCH tau0 x decay, AdaSwitch window x factor (validation)
+
+One teacher and one student vLLM service serve every run (orchestrator.run.run(cfg, services=...)
+pushes the base student weights back before each run); each run has its own DeepSpeed learner.
+Every run trains until the learner has seen ``--tokens`` response tokens (schedule.max_train_tokens),
+with the same learner settings, and is evaluated (greedy) before and after on the chosen split.
+Prints markdown tables: exact match and Rouge-L (mean ± std over seeds), split by the reference's
+length; runtime (rollout + train + push seconds) relative to on_policy; the switch statistics of
+switch and adaswitch split by response length. Writes every number to <out>/results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from orchestrator.config import load_config
+from orchestrator.metrics import read_records, step_records
+from orchestrator.run import connect_ray, run
+
+CONFIG = "deploy/configs/embedded.yaml"
+# The loss each method's paper trains with.
+PAPER_LOSS = {
+    "ground_truth": "cross_entropy",  # SFT on the references
+    "teacher": "cross_entropy",  # sequence-level KD (Kim & Rush 2016): NLL of the teacher's outputs
+    "mixed": "jsd",  # GKD with a λ-mix of student and reference sequences: generalized JSD(β = 0.5)
+    "on_policy": "jsd",  # GKD (Agarwal et al. 2306.13649)
+    "skd": "forward_kl",  # SKD (Xu et al. 2410.11325)
+    "switch": "skew_reverse_kl",  # SWITCH (Koo et al. 2410.19503)
+    "adaswitch": "forward_kl",  # AdaSwitch (Peng et al. 2510.07842): KL
+}
+LONG = 64  # tokens: a reference (or response) at least this long counts as long (the test split's median is 48)
+# A 2 x 2 grid around each default, plus the default itself (SWITCH tau0 0.2, decay 0.005; AdaSwitch L 8, K 3).
+GRID = ([("switch", [f"policy.switch.tau0={t}", f"policy.switch.decay={d}"])
+         for t, d in ((0.2, 0.005), (0.1, 0.0), (0.1, 0.02), (0.4, 0.0), (0.4, 0.02))]
+        + [("adaswitch", [f"policy.adaswitch.window={w}", f"policy.adaswitch.factor={f}"])
+           for w, f in ((8, 3.0), (4, 2.0), (4, 5.0), (16, 2.0), (16, 5.0))])
+
+
+def eval_rows(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Per-row eval results before training and after (eval/step-*.jsonl, first and last)."""
+    files = sorted((run_dir / "eval").glob("step-*.jsonl"))
+    read = lambda p: [json.loads(line) for line in p.read_text().splitlines()]  # noqa: E731
+    return read(files[0]), read(files[-1])
+
+
+def scores(rows: list[dict]) -> dict:
+    out = {}
+    for name, keep in (("all", lambda r: True), ("short", lambda r: r["reference_tokens"] < LONG),
+                       ("long", lambda r: r["reference_tokens"] >= LONG)):
+        part = [r for r in rows if keep(r)]
+        out[name] = {"exact_match": float(np.mean([r["exact_match"] for r in part])),
+                     "rouge_l": float(np.mean([r["rouge_l"] for r in part])), "n": len(part)}
+    return out
+
+
+def switch_stats(steps: list[dict]) -> dict:
+    """Teacher-token fraction and first-switch position over all rollouts, by response length."""
+    lengths = np.concatenate([r["row_response_lengths"] for r in steps])
+    fractions = np.concatenate([r["row_teacher_fractions"] for r in steps])
+    first = np.concatenate([r["row_first_switch"] for r in steps])
+    out = {}
+    for name, keep in (("all", lengths >= 0), ("short", lengths < LONG), ("long", lengths >= LONG)):
+        switched = keep & (first >= 0)
+        out[name] = {"teacher_fraction": float((fractions * lengths)[keep].sum() / max(lengths[keep].sum(), 1)),
+                     "switched_share": float(switched.sum() / max(keep.sum(), 1)),
+                     "first_switch_mean": float(first[switched].mean()) if switched.any() else None,
+                     "rows": int(keep.sum())}
+    return out
+
+
+def run_one(name: str, overrides: list[str], services, out: Path) -> dict:
+    run_dir = out / name
+    cfg = load_config(CONFIG, [*overrides, f"output_dir={run_dir}"])
+    started = time.perf_counter()
+    run(cfg, services=services)
+    steps = step_records(read_records(run_dir))
+    before, after = eval_rows(run_dir)
+    return {"name": name, "wall_seconds": time.perf_counter() - started, "steps": len(steps),
+            "train_tokens": int(sum(r["rollout_tokens"] for r in steps)),
+            "work_seconds": float(sum(r["rollout_seconds"] + r["train_seconds"] + r.get("push_seconds", 0) for r in steps)),
+            "rollout_seconds": float(sum(r["rollout_seconds"] for r in steps)),
+            "before": scores(before), "after": scores(after), "switch": switch_stats(steps),
+            "loss_first_last": [steps[0]["loss"], steps[-1]["loss"]]}
+
+
+def fmt(values: list[float]) -> str:
+    return f"{values[0]:.3f}" if len(values) == 1 else f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def print_tables(results: dict[str, list[dict]], split: str) -> None:
+    first = next(iter(results.values()))[0]
+    print(f"\n{split} split: {first['after']['all']['n']} rows ({first['after']['long']['n']} with a reference "
+          f">= {LONG} tokens); training budget {first['train_tokens']}+ response tokens per run\n")
+    print("| method (loss) | EM | Rouge-L | EM long | Rouge-L long | EM short | Rouge-L short | steps | runtime vs on_policy |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    if split == "test":
+        build = json.loads(Path("artifacts/embedded/full/build_report.json").read_text())["test"]["teacher"]
+        print(f"| teacher (reference) | {build['exact_match']:.3f} | {build['rouge_l']:.3f} | | | | | | |")
+    b = first["before"]
+    print(f"| student before training | {b['all']['exact_match']:.3f} | {b['all']['rouge_l']:.3f} | "
+          f"{b['long']['exact_match']:.3f} | {b['long']['rouge_l']:.3f} | {b['short']['exact_match']:.3f} | "
+          f"{b['short']['rouge_l']:.3f} | | |")
+    base = [r["work_seconds"] for key, runs in results.items() if key.startswith("on_policy") for r in runs]
+    for key, runs in results.items():
+        cells = [fmt([r["after"][part][metric] for r in runs]) for part in ("all", "long", "short")
+                 for metric in ("exact_match", "rouge_l")]
+        ratio = statistics.mean(r["work_seconds"] for r in runs) / statistics.mean(base) if base else float("nan")
+        print(f"| {key} | {' | '.join(cells)} | {statistics.mean(r['steps'] for r in runs):.1f} | {ratio:.2f}x |")
+    print("\n| method | response length | rows | teacher-token fraction | sequences switched | mean first-switch position |")
+    print("|---|---|---|---|---|---|")
+    for key, runs in results.items():
+        if not key.startswith(("switch", "adaswitch")):
+            continue
+        for part in ("short", "long", "all"):
+            s = [r["switch"][part] for r in runs]
+            first_pos = [x["first_switch_mean"] for x in s if x["first_switch_mean"] is not None]
+            print(f"| {key} | {part if part == 'all' else ('< ' if part == 'short' else '>= ') + str(LONG)} "
+                  f"| {sum(x['rows'] for x in s)} | {fmt([x['teacher_fraction'] for x in s])} "
+                  f"| {fmt([x['switched_share'] for x in s])} | {fmt(first_pos) if first_pos else '–'} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=list(PAPER_LOSS), choices=list(PAPER_LOSS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--common-loss", default=None, help="every method with this loss instead of its paper's")
+    parser.add_argument("--grid", action="store_true", help="the sensitivity grid on the validation split")
+    parser.add_argument("--tokens", type=int, default=6000, help="response tokens each run trains on")
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per step")
+    parser.add_argument("--out", default="runs/bench-methods")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value for every run")
+    args = parser.parse_args()
+    split = "validation" if args.grid else "test"
+    # k = 25 for every method: SKD's rule needs the teacher's top-25 (its paper's K).
+    common = ["resume=false", "schedule.steps=1000", "rollout.top_k=25", f"schedule.max_train_tokens={args.tokens}",
+              f"rollout.prompts_per_step={args.prompts}", "schedule.eval_every=1000000",
+              "schedule.checkpoint_every=1000000", f"data.eval_split={split}", "schedule.eval_examples=400",
+              "ray.dashboard=false", *args.overrides]
+
+    cfg = load_config(CONFIG, common)
+    connect_ray(cfg)
+    from orchestrator.embedded import ensure_embedded
+    from orchestrator.models import check_pair
+    from services.pool import start_service
+
+    ensure_embedded(cfg)
+    eos = check_pair(cfg.models.teacher, cfg.models.student).eos_token_id
+    services = (start_service("teacher", cfg.models.teacher, cfg.services.teacher, eos, cfg.seed),
+                start_service("student", cfg.models.student, cfg.services.student, eos, cfg.seed))
+
+    if args.grid:
+        plan = [(f"{policy} {' '.join(o.split('.', 2)[-1] for o in extra)}", [f"policy.name={policy}",
+                 f"loss.kind={PAPER_LOSS[policy]}", *extra], seed) for policy, extra in GRID for seed in args.seeds[:1]]
+    else:
+        plan = [(f"{m} ({args.common_loss or PAPER_LOSS[m]})", [f"policy.name={m}",
+                 f"loss.kind={args.common_loss or PAPER_LOSS[m]}"], seed) for m in args.methods for seed in args.seeds]
+    out = Path(args.out) / ("grid" if args.grid else f"loss-{args.common_loss or 'paper'}")
+    results: dict[str, list[dict]] = {}
+    for key, extra, seed in plan:
+        name = f"{key.replace(' ', '_').replace('(', '').replace(')', '').replace('=', '')}-seed{seed}"
+        result = run_one(name, [*common, *extra, f"seed={seed}"], services, out)
+        print(json.dumps({k: result[k] for k in ("name", "steps", "train_tokens", "work_seconds", "wall_seconds")}
+                         | {"after": result["after"]["all"]}), flush=True)
+        results.setdefault(key, []).append(result)
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    print_tables(results, split)
+    for pool in services:
+        pool.shutdown()
+
+
+if __name__ == "__main__":
+    main()
