@@ -36,7 +36,11 @@ PAPER_LOSS = {
     "skd": "forward_kl",  # SKD (Xu et al. 2410.11325)
     "switch": "skew_reverse_kl",  # SWITCH (Koo et al. 2410.19503)
     "adaswitch": "forward_kl",  # AdaSwitch (Peng et al. 2510.07842): KL
+    # Rationales (Ballout et al. 2409.12586): not in the default list; run it with a format, e.g.
+    # `--methods rationale rationale.format=multitask` (answer_only: SFT on the same rows).
+    "rationale": "cross_entropy",
 }
+DEFAULT_METHODS = [m for m in PAPER_LOSS if m != "rationale"]
 LONG = 64  # tokens: a reference (or response) at least this long counts as long (the test split's median is 48)
 # A 2 x 2 grid around each default, plus the default itself (SWITCH tau0 0.2, decay 0.005; AdaSwitch L 8, K 3).
 GRID = ([("switch", [f"policy.switch.tau0={t}", f"policy.switch.decay={d}"])
@@ -130,7 +134,7 @@ def print_tables(results: dict[str, list[dict]], split: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=list(PAPER_LOSS), choices=list(PAPER_LOSS))
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(PAPER_LOSS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--common-loss", default=None, help="every method with this loss instead of its paper's")
     parser.add_argument("--grid", action="store_true", help="the sensitivity grid on the validation split")
