@@ -215,8 +215,9 @@ def run(cfg: RunConfig, services: tuple | None = None) -> Path:
 
     progress = _progress(cfg.schedule.steps, step)
     learner_restarts = 0
+    token_budget = cfg.schedule.max_train_tokens or np.inf
     trained_tokens = sum(r.get("rollout_tokens", 0) for r in step_records(read_records(run_dir))) if step else 0
-    while step < cfg.schedule.steps and not stop.requested and trained_tokens < (cfg.schedule.max_train_tokens or np.inf):
+    while step < cfg.schedule.steps and not stop.requested and trained_tokens < token_budget:
         record = {"step": step + 1}
         indices, sample_ids = batch_rows(n_train, cursor, cfg.rollout.prompts_per_step, cfg.seed)
         saved = load_rollout(run_dir, step + 1)
@@ -240,12 +241,12 @@ def run(cfg: RunConfig, services: tuple | None = None) -> Path:
         record.update(rollout_record(batch, rollout_seconds))
         record["rollout_seconds"] = rollout_seconds
 
+        # The run's last step: the step count or the token budget is reached with this batch.
+        last = step + 1 == cfg.schedule.steps or trained_tokens + int(batch.response_lengths.sum()) >= token_budget
         try:
             trained = learner.train_step(batch)
             pushed = None
-            final = step + 1 == cfg.schedule.steps or (
-                trained_tokens + batch.response_lengths.sum() >= (cfg.schedule.max_train_tokens or np.inf))
-            if (step + 1) % cfg.schedule.push_every == 0 or final:
+            if (step + 1) % cfg.schedule.push_every == 0 or last:
                 pushed = learner.push_weights(student, version + 1)
         except ray.exceptions.RayActorError as err:
             dead = learner.dead_ranks()
@@ -279,7 +280,6 @@ def run(cfg: RunConfig, services: tuple | None = None) -> Path:
         if teacher is not None:
             record["teacher_replica_calls"] = teacher.calls_per_replica.tolist()
         # A stop skips the eval: the job has seconds before SIGKILL, and the checkpoint comes first.
-        last = step == cfg.schedule.steps or trained_tokens >= (cfg.schedule.max_train_tokens or np.inf)
         if (step % cfg.schedule.eval_every == 0 or last) and not stop.requested:
             record.update(run_eval(step))
         if step % cfg.schedule.checkpoint_every == 0 or last:
