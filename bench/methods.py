@@ -3,6 +3,8 @@
     python bench/methods.py                              # each method with its paper's loss, seeds 0 1 2, test split
     python bench/methods.py --common-loss forward_kl     # the extra rows: every method with one loss
     python bench/methods.py --grid                       # SWITCH tau0 x decay, AdaSwitch window x factor (validation)
+    python bench/methods.py --config deploy/configs/smollm2.yaml --methods ground_truth on_policy skd switch \
+        adaswitch --seeds 0 1 --tokens 1500 --prompts 8 schedule.eval_examples=48   # the SmolLM2 table
 
 One teacher and one student vLLM service serve every run (orchestrator.run.run(cfg, services=...)
 pushes the base student weights back before each run); each run has its own DeepSpeed learner.
@@ -26,7 +28,6 @@ from orchestrator.config import load_config
 from orchestrator.metrics import read_records, step_records
 from orchestrator.run import connect_ray, run
 
-CONFIG = "deploy/configs/embedded.yaml"
 # The loss each method's paper trains with.
 PAPER_LOSS = {
     "ground_truth": "cross_entropy",  # SFT on the references
@@ -81,9 +82,9 @@ def switch_stats(steps: list[dict]) -> dict:
     return out
 
 
-def run_one(name: str, overrides: list[str], services, out: Path) -> dict:
+def run_one(config: str, name: str, overrides: list[str], services, out: Path) -> dict:
     run_dir = out / name
-    cfg = load_config(CONFIG, [*overrides, f"output_dir={run_dir}"])
+    cfg = load_config(config, [*overrides, f"output_dir={run_dir}"])
     started = time.perf_counter()
     run(cfg, services=services)
     steps = step_records(read_records(run_dir))
@@ -100,15 +101,19 @@ def fmt(values: list[float]) -> str:
     return f"{values[0]:.3f}" if len(values) == 1 else f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def print_tables(results: dict[str, list[dict]], split: str) -> None:
+def print_tables(results: dict[str, list[dict]], split: str, teacher_dir: str) -> None:
     first = next(iter(results.values()))[0]
     print(f"\n{split} split: {first['after']['all']['n']} rows ({first['after']['long']['n']} with a reference "
           f">= {LONG} tokens); training budget {first['train_tokens']}+ response tokens per run\n")
     print("| method (loss) | EM | Rouge-L | EM long | Rouge-L long | EM short | Rouge-L short | steps | runtime vs on_policy |")
     print("|---|---|---|---|---|---|---|---|---|")
     if split == "test":
-        build = json.loads(Path("artifacts/embedded/full/build_report.json").read_text())["test"]["teacher"]
-        print(f"| teacher (reference) | {build['exact_match']:.3f} | {build['rouge_l']:.3f} | | | | | | |")
+        # The build's own test scores of the teacher (embedded and smollm2 builds write them).
+        report = Path(teacher_dir).parent / "build_report.json"
+        if report.exists():
+            build = json.loads(report.read_text())["test"]["teacher"]
+            print(f"| teacher (reference, {build.get('n', 'all')} rows) | {build['exact_match']:.3f} | "
+                  f"{build['rouge_l']:.3f} | | | | | | |")
     b = first["before"]
     print(f"| student before training | {b['all']['exact_match']:.3f} | {b['all']['rouge_l']:.3f} | "
           f"{b['long']['exact_match']:.3f} | {b['long']['rouge_l']:.3f} | {b['short']['exact_match']:.3f} | "
@@ -134,6 +139,7 @@ def print_tables(results: dict[str, list[dict]], split: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="deploy/configs/embedded.yaml")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(PAPER_LOSS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--common-loss", default=None, help="every method with this loss instead of its paper's")
@@ -150,7 +156,7 @@ def main() -> None:
               "schedule.checkpoint_every=1000000", f"data.eval_split={split}", "schedule.eval_examples=400",
               "ray.dashboard=false", *args.overrides]
 
-    cfg = load_config(CONFIG, common)
+    cfg = load_config(args.config, common)
     connect_ray(cfg)
     from orchestrator.embedded import ensure_embedded
     from orchestrator.models import check_pair
@@ -171,12 +177,12 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     for key, extra, seed in plan:
         name = f"{key.replace(' ', '_').replace('(', '').replace(')', '').replace('=', '')}-seed{seed}"
-        result = run_one(name, [*common, *extra, f"seed={seed}"], services, out)
+        result = run_one(args.config, name, [*common, *extra, f"seed={seed}"], services, out)
         print(json.dumps({k: result[k] for k in ("name", "steps", "train_tokens", "work_seconds", "wall_seconds")}
                          | {"after": result["after"]["all"]}), flush=True)
         results.setdefault(key, []).append(result)
         (out / "results.json").write_text(json.dumps(results, indent=1))
-    print_tables(results, split)
+    print_tables(results, split, cfg.models.teacher)
     for pool in services:
         pool.shutdown()
 

@@ -1,11 +1,15 @@
 """Rollout benchmark: lockstep vs draft-verify vs the floor, measured side by side in one run.
 
     python bench/rollout.py [--config deploy/configs/embedded.yaml] [--prompts 32] [--new-tokens 256]
+    python bench/rollout.py --config deploy/configs/smollm2.yaml --prompts 8 --new-tokens 128 \
+        --policies adaswitch --switch-tau0 --learner      # the SmolLM2 figures of README
 
 For SWITCH and AdaSwitch on the same prompts: wall time of lockstep, of draft-verify, of a
 student-only rollout and of one teacher scoring pass over the student's tokens. Prints
 draft-verify / lockstep, draft-verify / (student-only + teacher scoring) = "the floor", the
 coordinator's own CPU time as a share of the rollout's wall time, and round trips per sequence.
+With --learner, also a DeepSpeed learner on the student: train tokens/s on the draft-verify batch
+and the weight push's time as a share of the whole step (rollout + train + push).
 Figures only: nothing here asserts a time.
 """
 from __future__ import annotations
@@ -30,6 +34,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed repeats per measurement (best is kept)")
     parser.add_argument("--switch-tau0", type=float, nargs="*", default=[0.35, 0.5],
                         help="extra SWITCH runs at these thresholds: fewer hand-overs, to show what limits the ratio")
+    parser.add_argument("--policies", nargs="+", default=["switch", "adaswitch"], choices=["switch", "adaswitch"])
+    parser.add_argument("--learner", action="store_true", help="also time a train step and a weight push")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -40,6 +46,7 @@ def main() -> None:
     from orchestrator.embedded import ensure_embedded
     from orchestrator.models import check_pair
     from orchestrator.rollout import Rollout, run_rollout
+    from orchestrator.run import local_cpus
     from services.model_service import raise_errors
     from services.pool import start_service
 
@@ -48,7 +55,9 @@ def main() -> None:
     tokenizer = check_pair(cfg.models.teacher, cfg.models.student)
     examples = load_split(cfg.data, cfg.data.eval_split, tokenizer)
     prompts = [examples.prompt_ids[i % len(examples)] for i in range(args.prompts)]
-    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR")
+    # Enough logical CPUs for both engines and, with --learner, a learner rank (Ray counts 2 cores as 2).
+    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
+             num_cpus=local_cpus(cfg))
     eos = tokenizer.eos_token_id
     teacher = start_service("teacher", cfg.models.teacher, cfg.services.teacher, eos, cfg.seed)
     student = start_service("student", cfg.models.student, cfg.services.student, eos, cfg.seed)
@@ -74,11 +83,14 @@ def main() -> None:
     _, score_s, _ = best(lambda: teacher.score(sequences, starts, k).result())
     floor = student_s + score_s
     tokens = int(student_out.lengths.sum())
-    print(f"floor: student-only {student_s:.2f}s ({tokens / student_s:.0f} tok/s) + teacher scoring {score_s:.2f}s "
-          f"= {floor:.2f}s")
+    scored = sum(len(s) for s in sequences)
+    print(f"floor: student-only {student_s:.2f}s ({tokens / student_s:.0f} generated tok/s with top-{k}) + teacher "
+          f"scoring {score_s:.2f}s ({tokens / score_s:.0f} response tok/s, {scored / score_s:.0f} tok/s with the "
+          f"prompts) = {floor:.2f}s")
 
-    runs = [("switch", []), ("adaswitch", [])]
-    runs += [("switch", [f"policy.switch.tau0={tau0}"]) for tau0 in args.switch_tau0]
+    runs = [(policy, []) for policy in args.policies]
+    runs += [("switch", [f"policy.switch.tau0={tau0}"]) for tau0 in args.switch_tau0 if "switch" in args.policies]
+    last_batch = None
     for policy, extra in runs:
         results = {}
         for strategy in ("lockstep", "draft_verify"):
@@ -101,7 +113,36 @@ def main() -> None:
               f"round trips/seq {calls.mean():.2f} (teacher {s['teacher_calls'].mean():.2f}, student {s['student_calls'].mean():.2f})")
         print(f"  draft-verify / lockstep = {dv_s / lock_s:.3f}  (speed-up {lock_s / dv_s:.1f}x)")
         print(f"  draft-verify / floor    = {dv_s / floor:.3f}")
+        last_batch, last_rollout_s = dv_batch, dv_s
+    if args.learner:
+        learner_figures(cfg, student, last_batch, last_rollout_s)
     ray.shutdown()
+
+
+def learner_figures(cfg, student, batch, rollout_s: float) -> None:
+    """Train steps on the last draft-verify batch and weight pushes into the student service."""
+    from trainer.group import LearnerGroup
+
+    group = LearnerGroup(cfg.models.student, cfg.learner, cfg.loss, total_steps=10)
+    try:
+        steps = []
+        for version in (1, 2):  # the first step also builds the optimizer state: the second is reported
+            trained = group.train_step(batch)
+            pushed = group.push_weights(student, version)
+            steps.append((trained, pushed))
+        trained, pushed = steps[-1]
+    finally:
+        group.shutdown()
+    push_s = pushed["gather_s"] + pushed["pack_s"] + pushed["load_s"]
+    step_s = rollout_s + trained["seconds"] + push_s
+    print(f"\nlearner ({cfg.learner.world_size} rank(s), ZeRO-{cfg.learner.zero_stage}): "
+          f"{int(batch.response_lengths.sum())} response tokens in {trained['seconds']:.2f}s = "
+          f"{trained['tokens_per_s']:.0f} train tok/s (first step {steps[0][0]['tokens_per_s']:.0f})")
+    print(f"weight push: {push_s:.2f}s for {pushed['bytes'] / 2**20:.0f} MiB (gather {pushed['gather_s']:.2f}s, "
+          f"pack {pushed['pack_s']:.2f}s, load into vLLM {pushed['load_s']:.2f}s)")
+    print(f"one step (draft-verify rollout {rollout_s:.2f}s + train {trained['seconds']:.2f}s + push {push_s:.2f}s "
+          f"= {step_s:.2f}s): rollout {rollout_s / step_s:.1%}, train {trained['seconds'] / step_s:.1%}, "
+          f"push {push_s / step_s:.1%}")
 
 
 if __name__ == "__main__":

@@ -32,9 +32,11 @@ class ModelsConfig:
     # Any Hugging Face causal LM directory (or hub name on a cluster that reaches the hub).
     teacher: str = "artifacts/embedded/full/teacher"
     student: str = "artifacts/embedded/full/student"
-    # Build the embedded default (tokenizer, data, tiny teacher and student) first: "full",
-    # "fast", or null when the models and data above come from elsewhere. Cached.
-    build_embedded: Literal["full", "fast"] | None = "full"
+    # Build the models and data above first, cached: "full" or "fast" (the embedded default: tiny
+    # models the project trains, in <embedded_dir>/<variant>), "smollm2" (SmolLM2-135M-Instruct
+    # tuned as teacher + a layer-pruned student, in <embedded_dir>: python -m orchestrator.smollm2),
+    # or null when they come from elsewhere.
+    build_embedded: Literal["full", "fast", "smollm2"] | None = "full"
     embedded_dir: str = "artifacts/embedded"
 
 

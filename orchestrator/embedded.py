@@ -1,4 +1,4 @@
-"""The embedded default: build (or find cached) the tiny models and task before a run."""
+"""The project-built defaults: build (or find cached) the models and task data before a run."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,6 +10,10 @@ def ensure_embedded(cfg: RunConfig) -> Path | None:
     """Build the configured embedded variant if asked to; cached, so cheap when already built."""
     if cfg.models.build_embedded is None:
         return None
+    if cfg.models.build_embedded == "smollm2":
+        from orchestrator.smollm2 import build as build_smollm2
+
+        return build_smollm2(cfg.models.embedded_dir)
     from trainer.embedded.build import build
 
     return build(cfg.models.embedded_dir, variant=cfg.models.build_embedded, seed=0)

