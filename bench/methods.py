@@ -3,16 +3,19 @@
     python bench/methods.py                              # each method with its paper's loss, seeds 0 1 2, test split
     python bench/methods.py --common-loss forward_kl     # the extra rows: every method with one loss
     python bench/methods.py --grid                       # SWITCH tau0 x decay, AdaSwitch window x factor (validation)
-    python bench/methods.py --config deploy/configs/smollm2.yaml --methods ground_truth on_policy skd switch \
-        adaswitch --seeds 0 1 --tokens 1500 --prompts 8 schedule.eval_examples=48   # the SmolLM2 table
+    python bench/methods.py --config deploy/configs/smollm2.yaml --methods ground_truth on_policy skd adaswitch \
+        switch --seeds 0 1 --tokens 1500 --prompts 8 --out runs/bench-methods-smollm2 \
+        schedule.eval_examples=48 learner.lr=5e-5                                # the SmolLM2 table
 
 One teacher and one student vLLM service serve every run (orchestrator.run.run(cfg, services=...)
 pushes the base student weights back before each run); each run has its own DeepSpeed learner.
 Every run trains until the learner has seen ``--tokens`` response tokens (schedule.max_train_tokens),
 with the same learner settings, and is evaluated (greedy) before and after on the chosen split.
 Prints markdown tables: exact match and Rouge-L (mean ± std over seeds), split by the reference's
-length; runtime (rollout + train + push seconds) relative to on_policy; the switch statistics of
-switch and adaswitch split by response length. Writes every number to <out>/results.json.
+length; wall seconds per run (evaluations included) and runtime (rollout + train + push seconds)
+relative to on_policy; the switch statistics of switch and adaswitch split by response length.
+Writes every number to <out>/results.json, and each finished run's to <out>/<run>/result.json: a
+bench run again (after a crash, say) keeps those runs and does the rest (--fresh redoes them).
 """
 from __future__ import annotations
 
@@ -89,12 +92,14 @@ def run_one(config: str, name: str, overrides: list[str], services, out: Path) -
     run(cfg, services=services)
     steps = step_records(read_records(run_dir))
     before, after = eval_rows(run_dir)
-    return {"name": name, "wall_seconds": time.perf_counter() - started, "steps": len(steps),
-            "train_tokens": int(sum(r["rollout_tokens"] for r in steps)),
-            "work_seconds": float(sum(r["rollout_seconds"] + r["train_seconds"] + r.get("push_seconds", 0) for r in steps)),
-            "rollout_seconds": float(sum(r["rollout_seconds"] for r in steps)),
-            "before": scores(before), "after": scores(after), "switch": switch_stats(steps),
-            "loss_first_last": [steps[0]["loss"], steps[-1]["loss"]]}
+    result = {"name": name, "wall_seconds": time.perf_counter() - started, "steps": len(steps),
+              "train_tokens": int(sum(r["rollout_tokens"] for r in steps)),
+              "work_seconds": float(sum(r["rollout_seconds"] + r["train_seconds"] + r.get("push_seconds", 0) for r in steps)),
+              "rollout_seconds": float(sum(r["rollout_seconds"] for r in steps)),
+              "before": scores(before), "after": scores(after), "switch": switch_stats(steps),
+              "loss_first_last": [steps[0]["loss"], steps[-1]["loss"]]}
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+    return result
 
 
 def fmt(values: list[float]) -> str:
@@ -105,25 +110,26 @@ def print_tables(results: dict[str, list[dict]], split: str, teacher_dir: str) -
     first = next(iter(results.values()))[0]
     print(f"\n{split} split: {first['after']['all']['n']} rows ({first['after']['long']['n']} with a reference "
           f">= {LONG} tokens); training budget {first['train_tokens']}+ response tokens per run\n")
-    print("| method (loss) | EM | Rouge-L | EM long | Rouge-L long | EM short | Rouge-L short | steps | runtime vs on_policy |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| method (loss) | EM | Rouge-L | EM long | Rouge-L long | EM short | Rouge-L short | steps | wall s per run | runtime vs on_policy |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     if split == "test":
         # The build's own test scores of the teacher (embedded and smollm2 builds write them).
         report = Path(teacher_dir).parent / "build_report.json"
         if report.exists():
             build = json.loads(report.read_text())["test"]["teacher"]
             print(f"| teacher (reference, {build.get('n', 'all')} rows) | {build['exact_match']:.3f} | "
-                  f"{build['rouge_l']:.3f} | | | | | | |")
+                  f"{build['rouge_l']:.3f} | | | | | | | |")
     b = first["before"]
     print(f"| student before training | {b['all']['exact_match']:.3f} | {b['all']['rouge_l']:.3f} | "
           f"{b['long']['exact_match']:.3f} | {b['long']['rouge_l']:.3f} | {b['short']['exact_match']:.3f} | "
-          f"{b['short']['rouge_l']:.3f} | | |")
+          f"{b['short']['rouge_l']:.3f} | | | |")
     base = [r["work_seconds"] for key, runs in results.items() if key.startswith("on_policy") for r in runs]
     for key, runs in results.items():
         cells = [fmt([r["after"][part][metric] for r in runs]) for part in ("all", "long", "short")
                  for metric in ("exact_match", "rouge_l")]
         ratio = statistics.mean(r["work_seconds"] for r in runs) / statistics.mean(base) if base else float("nan")
-        print(f"| {key} | {' | '.join(cells)} | {statistics.mean(r['steps'] for r in runs):.1f} | {ratio:.2f}x |")
+        print(f"| {key} | {' | '.join(cells)} | {statistics.mean(r['steps'] for r in runs):.1f} | "
+              f"{statistics.mean(r['wall_seconds'] for r in runs):.0f} | {ratio:.2f}x |")
     print("\n| method | response length | rows | teacher-token fraction | sequences switched | mean first-switch position |")
     print("|---|---|---|---|---|---|")
     for key, runs in results.items():
@@ -147,6 +153,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=6000, help="response tokens each run trains on")
     parser.add_argument("--prompts", type=int, default=16, help="prompts per step")
     parser.add_argument("--out", default="runs/bench-methods")
+    parser.add_argument("--fresh", action="store_true", help="run everything again (default: keep finished runs, <out>/<run>/result.json)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value for every run")
     args = parser.parse_args()
     split = "validation" if args.grid else "test"
@@ -177,9 +184,14 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     for key, extra, seed in plan:
         name = f"{key.replace(' ', '_').replace('(', '').replace(')', '').replace('=', '')}-seed{seed}"
-        result = run_one(args.config, name, [*common, *extra, f"seed={seed}"], services, out)
-        print(json.dumps({k: result[k] for k in ("name", "steps", "train_tokens", "work_seconds", "wall_seconds")}
-                         | {"after": result["after"]["all"]}), flush=True)
+        saved = out / name / "result.json"  # an interrupted bench resumes: finished runs are kept
+        if saved.exists() and not args.fresh:
+            print(f"{name}: kept from {saved}", flush=True)
+            result = json.loads(saved.read_text())
+        else:
+            result = run_one(args.config, name, [*common, *extra, f"seed={seed}"], services, out)
+            print(json.dumps({k: result[k] for k in ("name", "steps", "train_tokens", "work_seconds", "wall_seconds")}
+                             | {"after": result["after"]["all"]}), flush=True)
         results.setdefault(key, []).append(result)
         (out / "results.json").write_text(json.dumps(results, indent=1))
     print_tables(results, split, cfg.models.teacher)
