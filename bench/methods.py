@@ -15,7 +15,8 @@ Prints markdown tables: exact match and Rouge-L (mean ± std over seeds), split 
 length; wall seconds per run (evaluations included) and runtime (rollout + train + push seconds)
 relative to on_policy; the switch statistics of switch and adaswitch split by response length.
 Writes every number to <out>/results.json, and each finished run's to <out>/<run>/result.json: a
-bench run again (after a crash, say) keeps those runs and does the rest (--fresh redoes them).
+bench run again with the same settings (after a crash, say) keeps those runs and does the rest
+(--fresh redoes them).
 """
 from __future__ import annotations
 
@@ -92,7 +93,8 @@ def run_one(config: str, name: str, overrides: list[str], services, out: Path) -
     run(cfg, services=services)
     steps = step_records(read_records(run_dir))
     before, after = eval_rows(run_dir)
-    result = {"name": name, "wall_seconds": time.perf_counter() - started, "steps": len(steps),
+    result = {"name": name, "config": config, "overrides": overrides,
+              "wall_seconds": time.perf_counter() - started, "steps": len(steps),
               "train_tokens": int(sum(r["rollout_tokens"] for r in steps)),
               "work_seconds": float(sum(r["rollout_seconds"] + r["train_seconds"] + r.get("push_seconds", 0) for r in steps)),
               "rollout_seconds": float(sum(r["rollout_seconds"] for r in steps)),
@@ -153,7 +155,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=6000, help="response tokens each run trains on")
     parser.add_argument("--prompts", type=int, default=16, help="prompts per step")
     parser.add_argument("--out", default="runs/bench-methods")
-    parser.add_argument("--fresh", action="store_true", help="run everything again (default: keep finished runs, <out>/<run>/result.json)")
+    parser.add_argument("--fresh", action="store_true", help="run everything again (default: keep finished runs with the same settings)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value for every run")
     args = parser.parse_args()
     split = "validation" if args.grid else "test"
@@ -184,12 +186,15 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     for key, extra, seed in plan:
         name = f"{key.replace(' ', '_').replace('(', '').replace(')', '').replace('=', '')}-seed{seed}"
-        saved = out / name / "result.json"  # an interrupted bench resumes: finished runs are kept
-        if saved.exists() and not args.fresh:
+        overrides = [*common, *extra, f"seed={seed}"]
+        # An interrupted bench resumes: a finished run is kept if it ran with these very settings.
+        saved = out / name / "result.json"
+        kept = json.loads(saved.read_text()) if saved.exists() and not args.fresh else {}
+        if (kept.get("config"), kept.get("overrides")) == (args.config, overrides):
             print(f"{name}: kept from {saved}", flush=True)
-            result = json.loads(saved.read_text())
+            result = kept
         else:
-            result = run_one(args.config, name, [*common, *extra, f"seed={seed}"], services, out)
+            result = run_one(args.config, name, overrides, services, out)
             print(json.dumps({k: result[k] for k in ("name", "steps", "train_tokens", "work_seconds", "wall_seconds")}
                              | {"after": result["after"]["all"]}), flush=True)
         results.setdefault(key, []).append(result)
