@@ -91,7 +91,10 @@ def run_one(config: str, name: str, overrides: list[str], services, out: Path) -
     cfg = load_config(config, [*overrides, f"output_dir={run_dir}"])
     started = time.perf_counter()
     run(cfg, services=services)
-    steps = step_records(read_records(run_dir))
+    records = read_records(run_dir)
+    if any(r.get("event") == "stopped" for r in records):  # SIGTERM/SIGINT: the run checkpointed and returned
+        raise SystemExit(f"{name}: stopped before its budget; not recorded (run the bench again to redo it)")
+    steps = step_records(records)
     before, after = eval_rows(run_dir)
     result = {"name": name, "config": config, "overrides": overrides,
               "wall_seconds": time.perf_counter() - started, "steps": len(steps),
@@ -184,6 +187,15 @@ def main() -> None:
                  f"loss.kind={args.common_loss or PAPER_LOSS[m]}"], seed) for m in args.methods for seed in args.seeds]
     out = Path(args.out) / ("grid" if args.grid else f"loss-{args.common_loss or 'paper'}")
     results: dict[str, list[dict]] = {}
+    try:
+        run_plan(plan, common, args, services, out, results)
+    finally:  # also on a stop: the engines' processes must not outlive the bench
+        for pool in services:
+            pool.shutdown()
+    print_tables(results, split, cfg.models.teacher)
+
+
+def run_plan(plan, common: list[str], args, services, out: Path, results: dict[str, list[dict]]) -> None:
     for key, extra, seed in plan:
         name = f"{key.replace(' ', '_').replace('(', '').replace(')', '').replace('=', '')}-seed{seed}"
         overrides = [*common, *extra, f"seed={seed}"]
@@ -199,9 +211,6 @@ def main() -> None:
                              | {"after": result["after"]["all"]}), flush=True)
         results.setdefault(key, []).append(result)
         (out / "results.json").write_text(json.dumps(results, indent=1))
-    print_tables(results, split, cfg.models.teacher)
-    for pool in services:
-        pool.shutdown()
 
 
 if __name__ == "__main__":
