@@ -28,7 +28,7 @@ run-smollm2: setup
 	$(PY) -m orchestrator.run --config deploy/configs/smollm2.yaml
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests  # the 25 slowest, to keep CI's time in view
 
 clean:
 	rm -rf $(VENV) artifacts runs

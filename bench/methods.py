@@ -86,18 +86,34 @@ def switch_stats(steps: list[dict]) -> dict:
     return out
 
 
+def since_last_start(records: list[dict]) -> list[dict]:
+    """The records of the run's latest start (a resumed run appends to metrics.jsonl)."""
+    starts = [i for i, r in enumerate(records) if r.get("event") == "started"]
+    return records[starts[-1] if starts else 0:]
+
+
+def stopped_last_time(records: list[dict]) -> bool:
+    """Whether the latest start of the run ended in a stop (SIGTERM/SIGINT) rather than its budget."""
+    return any(r.get("event") == "stopped" for r in since_last_start(records))
+
+
 def run_one(config: str, name: str, overrides: list[str], services, out: Path) -> dict:
     run_dir = out / name
     cfg = load_config(config, [*overrides, f"output_dir={run_dir}"])
     started = time.perf_counter()
     run(cfg, services=services)
+    return record_result(run_dir, name, config, overrides, time.perf_counter() - started)
+
+
+def record_result(run_dir: Path, name: str, config: str, overrides: list[str], wall_seconds: float) -> dict:
+    """A finished run's scores, steps and timings, also saved as <run_dir>/result.json."""
     records = read_records(run_dir)
-    if any(r.get("event") == "stopped" for r in records):  # SIGTERM/SIGINT: the run checkpointed and returned
+    if stopped_last_time(records):  # SIGTERM/SIGINT: the run checkpointed and returned
         raise SystemExit(f"{name}: stopped before its budget; not recorded (run the bench again to redo it)")
-    steps = step_records(records)
+    steps = step_records(since_last_start(records))  # resume=false: this run's steps only
     before, after = eval_rows(run_dir)
     result = {"name": name, "config": config, "overrides": overrides,
-              "wall_seconds": time.perf_counter() - started, "steps": len(steps),
+              "wall_seconds": wall_seconds, "steps": len(steps),
               "train_tokens": int(sum(r["rollout_tokens"] for r in steps)),
               "work_seconds": float(sum(r["rollout_seconds"] + r["train_seconds"] + r.get("push_seconds", 0) for r in steps)),
               "rollout_seconds": float(sum(r["rollout_seconds"] for r in steps)),
@@ -176,8 +192,10 @@ def main() -> None:
 
     ensure_embedded(cfg)
     eos = check_pair(cfg.models.teacher, cfg.models.student).eos_token_id
-    services = (start_service("teacher", cfg.models.teacher, cfg.services.teacher, eos, cfg.seed),
-                start_service("student", cfg.models.student, cfg.services.student, eos, cfg.seed))
+    services = (start_service("teacher", cfg.models.teacher, cfg.services.teacher, eos, cfg.seed, wait=False),
+                start_service("student", cfg.models.student, cfg.services.student, eos, cfg.seed, wait=False))
+    for pool in services:  # the two engines load side by side
+        pool.wait_ready()
 
     if args.grid:
         plan = [(f"{policy} {' '.join(o.split('.', 2)[-1] for o in extra)}", [f"policy.name={policy}",

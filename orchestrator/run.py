@@ -129,8 +129,8 @@ def run(cfg: RunConfig, services: tuple | None = None) -> Path:
             print(f"{split.source}: skipped {split.skipped_long} prompts longer than {cfg.data.max_prompt_tokens} tokens")
     check_resumable(cfg, run_dir)
     save_config(cfg, run_dir / "config.yaml")
-    if not cfg.resume:  # batches of an earlier run here would be replayed as this run's
-        shutil.rmtree(rollouts_dir(run_dir), ignore_errors=True)
+    if not cfg.resume:
+        start_afresh(run_dir)
 
     ray = connect_ray(cfg)
     check_cluster_fits(cfg)
@@ -155,12 +155,16 @@ def run(cfg: RunConfig, services: tuple | None = None) -> Path:
         teacher, student = services
         pools = []  # the caller's: not ended here
     else:
+        # Engines and learner start together: each spends much of its start-up waiting (process
+        # spawns, imports, a gloo rendezvous), so overlapping them shortens the run's start-up.
         teacher = None if rationale_rows is not None else start_service(
-            "teacher", cfg.models.teacher, cfg.services.teacher, eos, cfg.seed)
+            "teacher", cfg.models.teacher, cfg.services.teacher, eos, cfg.seed, wait=False)
         student = start_service("student", cfg.models.student, cfg.services.student, eos, cfg.seed,
-                                str(student_weights))
+                                str(student_weights), wait=False)
         pools = [p for p in (teacher, student) if p is not None]
     learner = start_learner(cfg)
+    for pool in pools:
+        pool.wait_ready()
     max_model_len = min(cfg.services.teacher.max_model_len, cfg.services.student.max_model_len)
     ro = Rollout(cfg.policy, cfg.rollout, teacher, student, eos, max_model_len) if teacher is not None else None
     n_train = len(train) if rationale_rows is None else len(rationale_rows)
@@ -319,6 +323,20 @@ def start_learner(cfg: RunConfig):
     from trainer.group import LearnerGroup
 
     return LearnerGroup(cfg.models.student, cfg.learner, cfg.loss, total_steps=cfg.schedule.steps)
+
+
+def start_afresh(run_dir: Path) -> None:
+    """resume=false: an earlier run's outputs here would mix with this run's (its batches replayed,
+    its step records and evaluations read as this run's, its checkpoints resumed later), so they go."""
+    earlier = [run_dir / "metrics.jsonl", run_dir / "eval", run_dir / "checkpoints", rollouts_dir(run_dir)]
+    removed = [path.name for path in earlier if path.exists()]
+    for path in earlier:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    if removed:
+        print(f"resume=false: removed the earlier run's {', '.join(removed)} from {run_dir}")
 
 
 def check_resumable(cfg: RunConfig, run_dir: Path) -> None:

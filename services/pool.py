@@ -24,9 +24,14 @@ RESTART_TIMEOUT_S = 600.0  # how long a call waits for Ray to restart the only r
 
 
 def start_service(
-    name: str, model: str, engine: EngineConfig, eos_token_id: int, seed: int = 0, weights_dir: str | None = None
+    name: str, model: str, engine: EngineConfig, eos_token_id: int, seed: int = 0, weights_dir: str | None = None,
+    wait: bool = True,
 ) -> "ServicePool":
     """Start ``engine.replicas`` ModelService actors for ``model`` and wait until they serve.
+
+    ``wait=False`` returns at once, the engines loading in the background: the caller starts
+    other things meanwhile (the run starts teacher, student and learner together) and calls
+    ``pool.wait_ready()`` before the first request.
 
     The actors are not Ray-named (a name is global to the cluster, so two runs or a rerun after a
     crash would collide); ``name`` labels them instead: ModelService's repr shows it in the Ray
@@ -49,8 +54,8 @@ def start_service(
         for i in range(engine.replicas)
     ]
     pool = ServicePool(actors, name, engine.request_timeout_s, engine.request_retries)
-    pool.infos = ray.get([a.info.remote() for a in actors])  # waits for every engine to start
-    return pool
+    pool.ready = [a.info.remote() for a in actors]  # each answers once its engine has started
+    return pool.wait_ready() if wait else pool
 
 
 class ServiceError(RuntimeError):
@@ -115,6 +120,7 @@ class ServicePool:
         self.request_timeout_s = request_timeout_s
         self.request_retries = request_retries
         self.infos: list[dict] = []
+        self.ready: list = []  # the replicas' info() calls, answered once their engines serve
         self._inflight: list[list[tuple[Any, int]]] = [[] for _ in actors]  # (ref, work) per replica
         self._sticky: OrderedDict[Hashable, int] = OrderedDict()
         self.calls_per_replica = np.zeros(len(actors), dtype=np.int64)
@@ -123,6 +129,13 @@ class ServicePool:
 
     def __len__(self) -> int:
         return len(self.actors)
+
+    def wait_ready(self) -> "ServicePool":
+        """Block until every replica's engine has started (raises if one failed to)."""
+        import ray
+
+        self.infos = ray.get(self.ready)
+        return self
 
     def shutdown(self) -> None:
         """End every replica (its vLLM engine process goes with it)."""

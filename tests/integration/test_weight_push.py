@@ -4,7 +4,7 @@ output from the learner's current weights, and the service reports the pushed ve
 The service starts from the learner's exported HF directory, so this also checks that vLLM
 loads what ``export_hf`` writes. Tied and untied embeddings both: vLLM needs ``lm_head.weight``
 in the blob even when it is tied. Three architectures: nothing in the learner or the push assumes
-Llama's layout.
+Llama's layout. (A tied Llama is pushed in test_smollm2.py, on the real pretrained model.)
 """
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def vllm_greedy(pool, prefixes) -> tuple[list[list[int]], int]:
     return [row[:n].tolist() for row, n in zip(result.tokens, result.lengths)], result.version
 
 
-@pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("qwen2", True), ("gpt2", True)],
-                         ids=["llama-untied", "llama-tied", "qwen2-tied", "gpt2-tied"])
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("qwen2", True), ("gpt2", True)],
+                         ids=["llama-untied", "qwen2-tied", "gpt2-tied"])
 def test_push_makes_vllm_generate_like_the_learner(ray_cluster, tmp_path, arch, tied):
     # vLLM's CPU attention wants head_dim 64: hidden 128 over 2 heads.
     size = dict(vocab=64, hidden=128, heads=2, layers=2, max_positions=512)

@@ -58,3 +58,25 @@ def test_metrics_log_and_report(tmp_path):
     text = report.read_text()
     assert "| loss | 1 | 0.5 |" in text and "| 0 | 0.100 | 0.500 |" in text
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_bench_records_a_resumed_run_but_not_a_stopped_one():
+    from bench.methods import stopped_last_time
+
+    started, stopped, step = {"event": "started"}, {"event": "stopped", "signal": "SIGTERM"}, {"step": 1, "loss": 1.0}
+    assert not stopped_last_time([started, step])
+    assert stopped_last_time([started, step, stopped])
+    assert not stopped_last_time([started, step, stopped, started, step])  # stopped, then resumed to the end
+    assert stopped_last_time([started, stopped, started, stopped])
+
+
+def test_resume_false_clears_the_earlier_run_but_not_the_rest(tmp_path):
+    from orchestrator.run import start_afresh
+
+    for name in ("checkpoints/step-000002", "eval", "rollouts", "student"):
+        (tmp_path / name).mkdir(parents=True)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (tmp_path / "eval" / "step-000004.jsonl").write_text("{}\n")
+    start_afresh(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]  # overwritten by the run's export
+    start_afresh(tmp_path)  # nothing left to clear: no error
