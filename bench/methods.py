@@ -86,15 +86,11 @@ def switch_stats(steps: list[dict]) -> dict:
     return out
 
 
-def since_last_start(records: list[dict]) -> list[dict]:
-    """The records of the run's latest start (a resumed run appends to metrics.jsonl)."""
-    starts = [i for i, r in enumerate(records) if r.get("event") == "started"]
-    return records[starts[-1] if starts else 0:]
-
-
 def stopped_last_time(records: list[dict]) -> bool:
-    """Whether the latest start of the run ended in a stop (SIGTERM/SIGINT) rather than its budget."""
-    return any(r.get("event") == "stopped" for r in since_last_start(records))
+    """Whether the latest start of the run ended in a stop (SIGTERM/SIGINT) rather than its budget
+    (a resumed run appends to metrics.jsonl, after the stop of its earlier start)."""
+    events = [r["event"] for r in records if r.get("event") in ("started", "stopped")]
+    return bool(events) and events[-1] == "stopped"
 
 
 def run_one(config: str, name: str, overrides: list[str], services, out: Path) -> dict:
@@ -110,7 +106,7 @@ def record_result(run_dir: Path, name: str, config: str, overrides: list[str], w
     records = read_records(run_dir)
     if stopped_last_time(records):  # SIGTERM/SIGINT: the run checkpointed and returned
         raise SystemExit(f"{name}: stopped before its budget; not recorded (run the bench again to redo it)")
-    steps = step_records(since_last_start(records))  # resume=false: this run's steps only
+    steps = step_records(records)
     before, after = eval_rows(run_dir)
     result = {"name": name, "config": config, "overrides": overrides,
               "wall_seconds": wall_seconds, "steps": len(steps),

@@ -328,13 +328,15 @@ def start_learner(cfg: RunConfig):
 def start_afresh(run_dir: Path) -> None:
     """resume=false: an earlier run's outputs here would mix with this run's (its batches replayed,
     its step records and evaluations read as this run's, its checkpoints resumed later), so they go."""
-    earlier = [run_dir / "metrics.jsonl", run_dir / "eval", run_dir / "checkpoints", rollouts_dir(run_dir)]
-    removed = [path.name for path in earlier if path.exists()]
-    for path in earlier:
+    removed = []
+    for path in (run_dir / "metrics.jsonl", run_dir / "eval", run_dir / "checkpoints", rollouts_dir(run_dir)):
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+        else:
+            continue
+        removed.append(path.name)
     if removed:
         print(f"resume=false: removed the earlier run's {', '.join(removed)} from {run_dir}")
 
