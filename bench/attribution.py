@@ -20,10 +20,10 @@ from collections import defaultdict
 
 import torch
 
-from trainer.attribution import attribution_scores, pad_right
-from trainer.attribution_worker import AttributionSettings, AttributionWorker
-from trainer.rationale import answer_overlap
-from trainer.text import encode_response
+from orchestrator.rationale.attribution import attribution_scores, pad_right
+from orchestrator.rationale.worker import AttributionSettings, AttributionWorker
+from orchestrator.rationale.selection import answer_overlap
+from orchestrator.text import encode_response
 
 
 def timed(fn) -> float:
@@ -51,7 +51,7 @@ def main() -> None:
     items = [{"index": i, "prompt": r["prompt"], "reference": r["response"]} for i, r in enumerate(rows)]
     result = worker.attribute(items)
     targets = [encode_response(tokenizer, r["target"]) for r in result["rows"]]
-    from trainer.rationale import content_token_spans
+    from orchestrator.rationale.selection import content_token_spans
 
     prompts = [content_token_spans(tokenizer, r["prompt"])[0] for r in rows]
     batches = [(prompts[s:s + args.batch], targets[s:s + args.batch]) for s in range(0, len(rows), args.batch)]

@@ -49,9 +49,9 @@ def divergences(variant_dir: Path, examples: int, k: int, seed: int = 0):
     from transformers import AutoTokenizer
 
     from orchestrator.divergence import topk_divergences
-    from services.protocol import topk_from_logprobs
+    from protocol.topk import topk_from_logprobs
     from trainer.reference import response_logprobs
-    from trainer.text import encode_prompt
+    from orchestrator.text import encode_prompt
 
     tok = AutoTokenizer.from_pretrained(variant_dir / "teacher")
     rows = [json.loads(line) for line in (variant_dir / "data" / "validation.jsonl").read_text().splitlines()][:examples]
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--k", type=int, default=20)
     args = parser.parse_args()
-    from trainer.embedded.build import build
+    from build.embedded.build import build
 
     jsd, kl = divergences(build(args.embedded_dir, variant=args.variant), args.examples, args.k)
     lengths = np.array([len(j) for j in jsd])

@@ -40,7 +40,8 @@ def random_student(path: Path, vocab: int = 512) -> None:
 
 def random_batch(rows: int, prompt: int, response: int, vocab: int, k: int, seed: int):
     """Rollout-shaped random data: prompts and responses of varied length, a made-up teacher top-k."""
-    from services.protocol import MixedBatch, TopK
+    from protocol.batch import TrainBatch
+    from protocol.topk import TopK
 
     rng = np.random.default_rng(seed)
     prompt_lengths = rng.integers(prompt // 2, prompt + 1, rows)
@@ -53,8 +54,7 @@ def random_batch(rows: int, prompt: int, response: int, vocab: int, k: int, seed
     mask = np.arange(width)[None] < response_lengths[:, None]
     ids = np.stack([rng.permutation(vocab)[:k] for _ in range(rows * width)]).reshape(rows, width, k)
     topk = TopK(ids.astype(np.int64), np.ascontiguousarray(logprobs), logprobs[..., 0].copy(), mask)
-    return MixedBatch(tokens.astype(np.int64), prompt_lengths.astype(np.int64), response_lengths.astype(np.int64),
-                      np.zeros((rows, width), np.int8), topk, np.zeros(rows, np.int64), {})
+    return TrainBatch(tokens.astype(np.int64), prompt_lengths.astype(np.int64), response_lengths.astype(np.int64), topk)
 
 
 def dir_size(path: Path) -> int:
@@ -75,9 +75,10 @@ def main() -> None:
     from transformers import AutoConfig
 
     from services.config import EngineConfig
-    from services.pool import start_service
+    from orchestrator.config import load_config
+    from orchestrator.launcher import connect_ray, start_learner, start_service
+    from orchestrator.steps import push_weights
     from trainer.config import LearnerConfig, LossConfig
-    from trainer.group import LearnerGroup
 
     work = Path(tempfile.mkdtemp(prefix="bench-learner-"))
     student = Path(args.student)
@@ -93,8 +94,7 @@ def main() -> None:
     print(f"batch: {args.rows} rows, prompts <= {args.prompt}, responses <= {args.response}, "
           f"{int(data[0].teacher.mask.sum())} response tokens, k={args.k}; one Ray actor (num_cpus 1) per rank")
 
-    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", num_cpus=4,
-             logging_level="ERROR", log_to_driver=False)
+    connect_ray(load_config(None, ["ray.dashboard=false", "ray.num_cpus=4"]))
     loss = LossConfig(kind="skew_reverse_kl")
     step_seconds = {}
     print(f"\n{'world':>5} {'ZeRO':>4} {'setup s':>8} {'step s':>7} {'fwd s':>6} {'bwd s':>6} {'opt s':>6} "
@@ -102,7 +102,7 @@ def main() -> None:
     for world, stage in CONFIGS:
         cfg = LearnerConfig(world_size=world, zero_stage=stage, micro_batch_size=args.rows)
         started = time.perf_counter()
-        group = LearnerGroup(str(student), cfg, loss)
+        group = start_learner(str(student), cfg, loss)
         setup_s = time.perf_counter() - started
         try:
             group.train_step(data[0])  # warm-up: first-touch allocations
@@ -126,13 +126,13 @@ def main() -> None:
     print(f"{'world':>5} {'ZeRO':>4} {'MB':>6} {'gather s':>9} {'pack s':>7} {'load s':>7} {'push s':>7} "
           f"{'step s':>7} {'push/step':>9}")
     for world, stage in PUSH_CONFIGS:
-        group = LearnerGroup(str(student), LearnerConfig(world_size=world, zero_stage=stage), loss)
+        group = start_learner(str(student), LearnerConfig(world_size=world, zero_stage=stage), loss)
         try:
             group.train_step(data[0])
             pushes = []
             for _ in range(3):
                 version += 1
-                pushes.append(group.push_weights(pool, version))
+                pushes.append(push_weights(group, pool, version))
             push = min(pushes, key=lambda p: p["push_s"])
         finally:
             group.shutdown()

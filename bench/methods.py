@@ -30,7 +30,9 @@ import numpy as np
 
 from orchestrator.config import load_config
 from orchestrator.metrics import read_records, step_records
-from orchestrator.run import connect_ray, run
+from build.ensure import ensure_models
+from orchestrator.launcher import connect_ray, start_service
+from orchestrator.run import run
 
 # The loss each method's paper trains with.
 PAPER_LOSS = {
@@ -41,11 +43,11 @@ PAPER_LOSS = {
     "skd": "forward_kl",  # SKD (Xu et al. 2410.11325)
     "switch": "skew_reverse_kl",  # SWITCH (Koo et al. 2410.19503)
     "adaswitch": "forward_kl",  # AdaSwitch (Peng et al. 2510.07842): KL
-    # Rationales (Ballout et al. 2409.12586): not in the default list; run it with a format, e.g.
-    # `--methods rationale rationale.format=multitask` (answer_only: SFT on the same rows).
-    "rationale": "cross_entropy",
+    # The sft recipe (plain SFT, or rationales: Ballout et al. 2409.12586): not in the default list;
+    # run it with a format, e.g. `--methods sft sft.format=multitask` (answer_only: plain SFT).
+    "sft": "cross_entropy",
 }
-DEFAULT_METHODS = [m for m in PAPER_LOSS if m != "rationale"]
+DEFAULT_METHODS = [m for m in PAPER_LOSS if m != "sft"]
 LONG = 64  # tokens: a reference (or response) at least this long counts as long (the test split's median is 48)
 # A 2 x 2 grid around each default, plus the default itself (SWITCH tau0 0.2, decay 0.005; AdaSwitch L 8, K 3).
 GRID = ([("switch", [f"policy.switch.tau0={t}", f"policy.switch.decay={d}"])
@@ -182,11 +184,9 @@ def main() -> None:
 
     cfg = load_config(args.config, common)
     connect_ray(cfg)
-    from orchestrator.embedded import ensure_embedded
     from orchestrator.models import check_pair
-    from services.pool import start_service
 
-    ensure_embedded(cfg)
+    ensure_models(cfg)
     eos = check_pair(cfg.models.teacher, cfg.models.student).eos_token_id
     services = (start_service("teacher", cfg.models.teacher, cfg.services.teacher, eos, cfg.seed, wait=False),
                 start_service("student", cfg.models.student, cfg.services.student, eos, cfg.seed, wait=False))
@@ -197,7 +197,7 @@ def main() -> None:
         plan = [(f"{policy} {' '.join(o.split('.', 2)[-1] for o in extra)}", [f"policy.name={policy}",
                  f"loss.kind={PAPER_LOSS[policy]}", *extra], seed) for policy, extra in GRID for seed in args.seeds[:1]]
     else:
-        plan = [(f"{m} ({args.common_loss or PAPER_LOSS[m]})", [f"policy.name={m}",
+        plan = [(f"{m} ({args.common_loss or PAPER_LOSS[m]})", ["method=sft" if m == "sft" else f"policy.name={m}",
                  f"loss.kind={args.common_loss or PAPER_LOSS[m]}"], seed) for m in args.methods for seed in args.seeds]
     out = Path(args.out) / ("grid" if args.grid else f"loss-{args.common_loss or 'paper'}")
     results: dict[str, list[dict]] = {}

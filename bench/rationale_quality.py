@@ -21,7 +21,8 @@ from pathlib import Path
 
 from orchestrator.config import load_config
 from orchestrator.metrics import read_records
-from orchestrator.run import connect_ray, run
+from orchestrator.launcher import connect_ray
+from orchestrator.run import run
 
 CONFIG = "deploy/configs/embedded-rationale.yaml"
 FORMATS = ["answer_only", "multitask", "single_sequence", "input_augmentation"]
@@ -64,7 +65,7 @@ def main() -> None:
         for k in args.top_words if fmt != "answer_only" else args.top_words[:1]:
             for seed in args.seeds:
                 name = f"{fmt}-k{k}-seed{seed}-{args.split}"
-                result = run_once([*args.overrides, f"rationale.format={fmt}", f"rationale.top_words={k}",
+                result = run_once([*args.overrides, f"sft.format={fmt}", f"sft.top_words={k}",
                                    f"seed={seed}"], Path(args.out) / name, args.split, args.eval_examples)
                 print(json.dumps({"run": name, **result}), flush=True)
                 results.setdefault((fmt, k), []).append(result)

@@ -43,21 +43,19 @@ def main() -> None:
 
     from orchestrator.config import load_config
     from orchestrator.data import load_split
-    from orchestrator.embedded import ensure_embedded
+    from build.ensure import ensure_models
+    from orchestrator.launcher import connect_ray, start_service
     from orchestrator.models import check_pair
     from orchestrator.rollout import Rollout, run_rollout
-    from orchestrator.run import local_cpus
     from services.model_service import raise_errors
-    from services.pool import start_service
 
-    cfg = load_config(args.config, [*args.overrides, f"rollout.max_new_tokens={args.new_tokens}"])
-    ensure_embedded(cfg)
+    cfg = load_config(args.config, [*args.overrides, f"rollout.max_new_tokens={args.new_tokens}", "ray.dashboard=false"])
+    ensure_models(cfg)
     tokenizer = check_pair(cfg.models.teacher, cfg.models.student)
     examples = load_split(cfg.data, cfg.data.eval_split, tokenizer)
     prompts = [examples.prompt_ids[i % len(examples)] for i in range(args.prompts)]
     # Enough logical CPUs for both engines and, with --learner, a learner rank (Ray counts 2 cores as 2).
-    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
-             num_cpus=local_cpus(cfg))
+    connect_ray(cfg)
     eos = tokenizer.eos_token_id
     teacher = start_service("teacher", cfg.models.teacher, cfg.services.teacher, eos, cfg.seed)
     student = start_service("student", cfg.models.student, cfg.services.student, eos, cfg.seed)
@@ -121,14 +119,15 @@ def main() -> None:
 
 def learner_figures(cfg, student, batch, rollout_s: float) -> None:
     """Train steps on the last draft-verify batch and weight pushes into the student service."""
-    from trainer.group import LearnerGroup
+    from orchestrator.launcher import start_learner
+    from orchestrator.steps import push_weights
 
-    group = LearnerGroup(cfg.models.student, cfg.learner, cfg.loss, total_steps=10)
+    group = start_learner(cfg.models.student, cfg.learner, cfg.loss, total_steps=10)
     try:
         steps = []
         for version in (1, 2):  # the first step also builds the optimizer state: the second is reported
-            trained = group.train_step(batch)
-            pushed = group.push_weights(student, version)
+            trained = group.train_step(batch.for_learner())
+            pushed = push_weights(group, student, version)
             steps.append((trained, pushed))
         trained, pushed = steps[-1]
     finally:

@@ -45,7 +45,7 @@ def without_eos(model_dir: Path, out: Path, eos: int) -> Path:
 
 def time_weight_load(pool, state: dict, repeats: int) -> tuple[float, float, int]:
     """Best (pack seconds, load seconds, bytes) over ``repeats`` loads of ``state``."""
-    from services.weight_sync import pack_state
+    from protocol.weights import pack_state
 
     best_pack, best_load, size = float("inf"), float("inf"), 0
     for _ in range(repeats):
@@ -72,12 +72,12 @@ def main() -> None:
 
     from services.config import EngineConfig
     from services.model_service import raise_errors
-    from services.pool import start_service
-    from trainer.embedded.build import build
+    from orchestrator.config import load_config
+    from orchestrator.launcher import connect_ray, start_service
+    from build.embedded.build import build
 
     root = build("artifacts/embedded", variant=args.variant, seed=0)
-    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="ERROR",
-             num_cpus=4)
+    connect_ray(load_config(None, ["ray.dashboard=false", "ray.num_cpus=4"]))
     engine = EngineConfig(gpu_memory_utilization=0.1, enforce_eager=True, max_logprobs=max(args.k, 20),
                           cpu_kv_cache_gb=1, max_model_len=args.tokens + 64)
     # Every row must run to the token budget: copies of the models whose EOS (in config.json and

@@ -42,9 +42,9 @@ def measure(variant_dir: Path, examples: int, ks=(5, 20, 50)) -> dict:
     from orchestrator.config import PolicyConfig
     from orchestrator.divergence import jsd, kl, topk_divergences
     from orchestrator.policies import switch_threshold
-    from services.protocol import topk_from_logprobs
+    from protocol.topk import topk_from_logprobs
     from trainer.reference import response_logprobs
-    from trainer.text import encode_prompt, encode_response
+    from orchestrator.text import encode_prompt, encode_response
 
     tok = AutoTokenizer.from_pretrained(variant_dir / "teacher")
     rows = [json.loads(line) for line in (variant_dir / "data" / "validation.jsonl").read_text().splitlines()][:examples]
@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--embedded-dir", default="artifacts/embedded")
     parser.add_argument("--examples", type=int, default=64)
     args = parser.parse_args()
-    from trainer.embedded.build import build
+    from build.embedded.build import build
 
     result = measure(build(args.embedded_dir, variant=args.variant), args.examples)
     print(f"{result['positions']} response positions, vocabulary {result['vocab']}; |estimate - exact| in nats")

@@ -20,7 +20,7 @@ import yaml
 from services.config import EngineConfig
 from trainer.config import LearnerConfig, LossConfig
 
-PolicyName = Literal["on_policy", "teacher", "ground_truth", "mixed", "skd", "switch", "adaswitch", "rationale"]
+PolicyName = Literal["on_policy", "teacher", "ground_truth", "mixed", "skd", "switch", "adaswitch"]
 
 
 class ConfigError(ValueError):
@@ -34,7 +34,7 @@ class ModelsConfig:
     student: str = "artifacts/embedded/full/student"
     # Build the models and data above first, cached: "full" or "fast" (the embedded default: tiny
     # models the project trains, in <embedded_dir>/<variant>), "smollm2" (SmolLM2-135M-Instruct
-    # tuned as teacher + a layer-pruned student, in <embedded_dir>: python -m orchestrator.smollm2),
+    # tuned as teacher + a layer-pruned student, in <embedded_dir>: python -m build.smollm2),
     # or null when they come from elsewhere.
     build_embedded: Literal["full", "fast", "smollm2"] | None = "full"
     embedded_dir: str = "artifacts/embedded"
@@ -165,15 +165,16 @@ class ScheduleConfig:
 
 
 @dataclass
-class RationaleConfig:
-    """Teacher-attribution rationales (policy.name=rationale): the attribution stage and the data
-    the student learns from. See README "Rationales" for why each default."""
+class SftConfig:
+    """method: sft, training on fixed text: the dataset's references (plain SFT) or references
+    with teacher-attribution rationales (the attribution stage's settings below). See README
+    "Rationales" for why each default."""
 
-    # answer_only: plain SFT on the same rows (the baseline); multitask: answer row + rationale
-    # row per example; single_sequence: "Important words: ...\n<answer>"; input_augmentation:
-    # the rationale in the prompt, at training and evaluation (an upper bound: needs the teacher
-    # at inference).
-    format: Literal["answer_only", "multitask", "single_sequence", "input_augmentation"] = "multitask"
+    # answer_only: plain SFT on the references (no teacher at all); multitask: answer row +
+    # rationale row per example; single_sequence: "Important words: ...\n<answer>";
+    # input_augmentation: the rationale in the prompt, at training and evaluation (an upper
+    # bound: needs the teacher at inference).
+    format: Literal["answer_only", "multitask", "single_sequence", "input_augmentation"] = "answer_only"
     target: Literal["teacher_greedy", "reference"] = "teacher_greedy"  # the output attributed
     score: Literal["grad_l1", "grad_l2", "grad_x_input"] = "grad_l1"
     word_merge: Literal["max", "sum"] = "max"  # a word's score from its sub-word pieces
@@ -214,6 +215,8 @@ class RayConfig:
 
 @dataclass
 class RunConfig:
+    # The recipe: distill (rollout with a policy -> train -> push) or sft (fixed text -> train).
+    method: Literal["distill", "sft"] = "distill"
     output_dir: str = "runs/embedded"
     # Relative paths (output_dir, models.*, data.data_files) are read against this directory;
     # null: the current one. `ray job submit --working-dir .` runs the job in an unpacked copy of
@@ -230,11 +233,11 @@ class RunConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    rationale: RationaleConfig = field(default_factory=RationaleConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
 
     def __post_init__(self) -> None:
-        if self.policy.name == "rationale" and self.loss.kind != "cross_entropy":
-            raise ValueError(f"loss.kind: policy.name=rationale trains on text and needs loss.kind=cross_entropy, "
+        if self.method == "sft" and self.loss.kind != "cross_entropy":
+            raise ValueError(f"loss.kind: method sft trains on fixed text and needs loss.kind=cross_entropy, "
                              f"got {self.loss.kind!r}")
         if self.policy.name == "skd" and self.policy.skd.top_k > self.rollout.top_k:
             raise ValueError(
@@ -242,6 +245,11 @@ class RunConfig:
                 "the teacher must list at least K ids"
             )
         context = min(self.services.teacher.max_model_len, self.services.student.max_model_len)
+        if self.rollout.max_new_tokens > context - 2:
+            raise ValueError(
+                f"rollout.max_new_tokens: {self.rollout.max_new_tokens} does not fit services.*.max_model_len={context} "
+                f"with a prompt and the scoring position (at most {context - 2})"
+            )
         if self.data.max_prompt_tokens > context - 2:
             raise ValueError(
                 f"data.max_prompt_tokens: {self.data.max_prompt_tokens} leaves no room for a response within "
@@ -265,16 +273,16 @@ class RunConfig:
             if (base / path).exists() or self.models.build_embedded is not None:
                 setattr(self.models, role, local(path))
         self.data.data_files = {split: local(path) for split, path in self.data.data_files.items()}
-        if self.rationale.cache_dir is not None:
-            self.rationale.cache_dir = local(self.rationale.cache_dir)
+        if self.sft.cache_dir is not None:
+            self.sft.cache_dir = local(self.sft.cache_dir)
 
 
 # What a checkpoint's run must share with the run that resumes it: the student's shape and
 # optimizer state, the data order and the method. Anything else (steps, eval cadence, services)
 # may change between a stop and a resume.
 RESUME_KEYS = (
-    "models.teacher", "models.student", "policy.name", "loss.kind", "seed", "data.path", "data.name",
-    "data.data_files", "rollout.prompts_per_step", "rationale.format", "learner.world_size", "learner.zero_stage",
+    "method", "models.teacher", "models.student", "policy.name", "loss.kind", "seed", "data.path", "data.name",
+    "data.data_files", "rollout.prompts_per_step", "sft.format", "learner.world_size", "learner.zero_stage",
     "learner.optimizer", "learner.precision", "learner.micro_batch_size", "learner.gradient_accumulation_steps",
 )
 
@@ -308,7 +316,19 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if not sep or not key:
             raise ConfigError(f"override {override!r}: expected dotted.key=value")
         _set_dotted(data, key.strip().split("."), yaml.safe_load(raw), override)
+    _refuse_old_keys(data, source)
     return from_dict(RunConfig, data, source)
+
+
+def _refuse_old_keys(data: dict, source: str) -> None:
+    """Keys of earlier versions, with the key that replaced them."""
+    policy = data.get("policy")
+    if isinstance(policy, dict) and policy.get("name") == "rationale":
+        raise ConfigError(f"{source}: policy.name: 'rationale' is no longer a policy: set method: sft and "
+                          "sft.format (multitask, single_sequence or input_augmentation; answer_only is plain SFT)")
+    if "rationale" in data:
+        raise ConfigError(f"{source}: the rationale section is now sft (with method: sft); "
+                          "e.g. rationale.format -> sft.format, rationale.top_words -> sft.top_words")
 
 
 def from_dict(cls: type, data: Any, source: str = "<dict>", prefix: str = "") -> Any:

@@ -1,11 +1,12 @@
 """Prompts and references from any `datasets` source, checked row by row and tokenized once."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.config import DataConfig
-from trainer.text import encode_prompt, encode_response
+from orchestrator.text import encode_prompt, encode_response
 
 
 class DataError(ValueError):
@@ -43,8 +44,27 @@ def load_split(data: DataConfig, split: str, tokenizer) -> Examples:
     try:
         rows = datasets.load_dataset(data.path, data.name, data_files=files, split=split)
     except Exception as err:  # datasets raises many types; the user needs the source and the cause
+        bad_line = first_bad_json_line(source) if data.path == "json" else None
+        if bad_line is not None:
+            raise DataError(bad_line) from err
         raise DataError(f"{source}: could not load split {split!r} with datasets ({type(err).__name__}: {err})") from err
     return tokenize_rows(rows, data, tokenizer, source)
+
+
+def first_bad_json_line(path: str) -> str | None:
+    """"<file>:<line>: not valid JSON (...)" for the first JSON Lines row that does not parse (datasets
+    only says that generating the dataset failed); None when every line parses or it is no local file."""
+    if "://" in path or not Path(path).is_file():
+        return None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):  # only on the error path: find the line to name
+            if not line.strip():
+                continue
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}): {line.strip()[:80]!r}"
+    return None
 
 
 def tokenize_rows(rows, data: DataConfig, tokenizer, source: str) -> Examples:

@@ -7,7 +7,7 @@ import numpy as np
 
 from orchestrator.data import Examples
 from services.model_service import raise_errors
-from trainer.scoring import score_batch
+from orchestrator.scoring import score_batch
 
 
 def evaluate(pool, examples: Examples, tokenizer, n: int, max_new_tokens: int, max_model_len: int,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.protocol import MixedBatch
+from protocol.batch import MixedBatch
 
 # Gauges set from every step record, by the record's key.
 GAUGES = {

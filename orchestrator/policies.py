@@ -18,7 +18,7 @@ import numpy as np
 
 from orchestrator.config import PolicyConfig
 from orchestrator.divergence import topk_divergence
-from services.protocol import REFERENCE, STUDENT, TEACHER  # writer codes (the who-wrote-it mask)
+from protocol.batch import REFERENCE, STUDENT, TEACHER  # writer codes (the who-wrote-it mask)
 
 
 @dataclass

@@ -38,9 +38,10 @@ from orchestrator.policies import (
     teacher_hands_back,
 )
 from orchestrator.rollout_buffer import RolloutBuffer
+from protocol.batch import REFERENCE, STUDENT, TEACHER, MixedBatch
+from protocol.topk import TopK
 from services.model_service import raise_errors
 from services.pool import wait_any
-from services.protocol import REFERENCE, STUDENT, TEACHER, MixedBatch, TopK
 
 
 @dataclass
@@ -104,25 +105,14 @@ def lockstep(ro: Rollout, buf: RolloutBuffer, state: PolicyState, rng, row_ids, 
                    student.topk.logprobs[:, :1], positions[:, None], student.tokens[:, :1], rows_state)
         teacher_tokens = draw_from_topk(teacher.topk.ids[:, 0], teacher.topk.logprobs[:, 0], ro.cfg.teacher_temperature, rng)
         tokens = np.where(d.writer[:, 0] == TEACHER, teacher_tokens, student.tokens[:, 0])[:, None]
+        target = teacher.topk[:, :1]
+        # The teacher was asked before the token existed: its logprob is known where it listed
+        # the token (NaN elsewhere; no loss reads it, draft-verify's scoring pass gives it exactly).
+        listed = target.ids[:, 0] == tokens
+        target.token_logprob[:, 0] = np.where(listed.any(1), np.where(listed, target.logprobs[:, 0], -np.inf).max(1), np.nan)
         ones = np.ones(live.size, dtype=np.int64)
-        buf.write(live, tokens, ones, d.writer, teacher.topk[:, :1], d.divergence, ro.eos_token_id)
+        buf.write(live, tokens, ones, d.writer, target, d.divergence, ro.eos_token_id)
         state.set_rows(live, advance(ro.policy, rows_state, d, np.ones((live.size, 1), bool)))
-
-    # The teacher's logprob of each written token: one scoring pass over the finished sequences
-    # (per step the teacher was asked before the token existed).
-    _fill_token_logprobs(ro, buf, np.flatnonzero(~state.use_reference))
-
-
-def _fill_token_logprobs(ro: Rollout, buf: RolloutBuffer, rows: np.ndarray) -> None:
-    rows = rows[buf.length[rows] > 0]
-    if not rows.size:
-        return
-    scored = ro.teacher.score(buf.prefixes(rows), buf.prompt_lengths[rows].tolist(), ro.cfg.top_k).result()
-    raise_errors(scored, "teacher request")
-    width = scored.topk.token_logprob.shape[1]
-    buf.teacher.token_logprob[rows, :width] = np.where(scored.topk.mask, scored.topk.token_logprob,
-                                                       buf.teacher.token_logprob[rows, :width])
-    buf.teacher_calls[rows] += 1
 
 
 # -- draft-verify ----------------------------------------------------------------------------------
@@ -216,7 +206,7 @@ def _cut_student_draft(ro, buf, state, rows, draft, teacher: TopK, rng) -> np.nd
     """The student drafted, the teacher scored: keep up to the first hand-over, where the
     teacher writes a token drawn from its top-k. Returns the drafted tokens kept per row."""
     tokens, width = draft.tokens, draft.tokens.shape[1]
-    teacher = _fit(teacher, width)
+    teacher = teacher.fitted(width)
     valid = np.arange(width)[None, :] < draft.lengths[:, None]
     positions = buf.length[rows][:, None] + np.arange(width)[None, :]
     rows_state = state.rows(rows)
@@ -248,7 +238,7 @@ def _cut_teacher_draft(ro, buf, state, rows, draft, student: TopK) -> np.ndarray
     first position where the rule gives the student the pen; the student drafts from there.
     Returns the drafted tokens kept per row."""
     width = draft.tokens.shape[1]
-    student = _fit(student, width)
+    student = student.fitted(width)
     valid = np.arange(width)[None, :] < draft.lengths[:, None]
     positions = buf.length[rows][:, None] + np.arange(width)[None, :]
     rows_state = state.rows(rows)
@@ -304,17 +294,6 @@ def _check_version(student_result, policy_version: int) -> None:
             f"the student service answered with weight version {student_result.version}, "
             f"but this rollout is for version {policy_version}"
         )
-
-
-def _fit(topk: TopK, width: int) -> TopK:
-    """A scored TopK padded or cut to the draft's width."""
-    have = topk.ids.shape[1]
-    if have >= width:
-        return topk[:, :width]
-    out = TopK.empty((topk.ids.shape[0], width), topk.k)
-    out.ids[:, :have], out.logprobs[:, :have] = topk.ids, topk.logprobs
-    out.token_logprob[:, :have], out.mask[:, :have] = topk.token_logprob, topk.mask
-    return out
 
 
 def _seeds(seed: int, row_ids: np.ndarray, positions: np.ndarray) -> list[int]:

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.protocol import PAD_ID, STUDENT, TEACHER, MixedBatch, TopK
+from protocol.batch import STUDENT, TEACHER, MixedBatch
+from protocol.topk import PAD_ID, TopK
 
 
 @dataclass
@@ -80,9 +81,7 @@ class RolloutBuffer:
         row, col = rows[r], self.length[rows][r] + j
         self.response[row, col] = tokens[r, j]
         self.writer[row, col] = writer[r, j]
-        self.teacher.ids[row, col] = teacher.ids[r, j]
-        self.teacher.logprobs[row, col] = teacher.logprobs[r, j]
-        self.teacher.token_logprob[row, col] = teacher.token_logprob[r, j]
+        self.teacher.put((row, col), teacher[r, j])
         self.teacher.mask[row, col] = True
         self.divergence[row, col] = divergence[r, j]
         wrote_eos = (take & (tokens == eos_token_id)).any(1)

@@ -10,13 +10,15 @@ Plain arrays in an .npz, read with ``allow_pickle=False``: nothing in the file c
 """
 from __future__ import annotations
 
-import os
+import io
 import re
 from pathlib import Path
 
 import numpy as np
 
-from services.protocol import MixedBatch, TopK
+from protocol.batch import MixedBatch
+from protocol.files import write_atomic
+from protocol.topk import TopK
 
 _FILE = re.compile(r"^step-(\d+)\.npz$")
 
@@ -26,7 +28,7 @@ def rollouts_dir(run_dir: str | Path) -> Path:
 
 
 def save_rollout(run_dir: str | Path, step: int, batch: MixedBatch, rollout_seconds: float) -> Path:
-    """Write ``batch`` for ``step`` atomically (temp file, then rename)."""
+    """Write ``batch`` for ``step`` atomically."""
     arrays = {
         "tokens": batch.tokens, "prompt_lengths": batch.prompt_lengths, "response_lengths": batch.response_lengths,
         "writer": batch.writer, "policy_version": batch.policy_version,
@@ -37,11 +39,9 @@ def save_rollout(run_dir: str | Path, step: int, batch: MixedBatch, rollout_seco
     }
     folder = rollouts_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step-{step:06d}.npz"
-    temp = folder / f"step-{step:06d}.tmp.npz"
-    np.savez(temp, **arrays)
-    os.replace(temp, path)
-    return path
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return write_atomic(folder / f"step-{step:06d}.npz", buffer.getvalue())
 
 
 def load_rollout(run_dir: str | Path, step: int) -> tuple[MixedBatch, float] | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from services.protocol import TopK
+from protocol.topk import TopK
 
 
 def flat_to_arrays(flat, first_position: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -28,9 +28,5 @@ def flat_to_arrays(flat, first_position: int, k: int) -> tuple[np.ndarray, np.nd
 
 def fill_topk(out: TopK, row: int, ids: np.ndarray, logprobs: np.ndarray, offset: int = 0) -> None:
     """Write one request's [T, k + 1] arrays into row ``row`` of a padded TopK, from ``offset``."""
-    length = ids.shape[0]
-    span = slice(offset, offset + length)
-    out.ids[row, span] = ids[:, 1:]
-    out.logprobs[row, span] = logprobs[:, 1:]
-    out.token_logprob[row, span] = logprobs[:, 0]
-    out.mask[row, span] = True
+    span = slice(offset, offset + ids.shape[0])
+    out.put((row, span), TopK(ids[:, 1:], logprobs[:, 1:], logprobs[:, 0], np.ones(ids.shape[0], dtype=bool)))

@@ -23,20 +23,21 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from protocol.files import write_atomic
+from protocol.topk import PAD_ID, TopK
 from services.config import EngineConfig
 from services.convert import fill_topk, flat_to_arrays
-from services.protocol import PAD_ID, TopK
+from services.metrics import vllm_stat_loggers
 
 
 @dataclass
 class ScoreResult:
     topk: TopK  # [N, T, k]: response positions of each sequence, padded
-    next_topk: TopK  # [N, 1, k]: the position right after each sequence (free with the prefill)
     version: int
     errors: list[str | None]
     seconds: float = 0.0
@@ -53,7 +54,6 @@ class GenerateResult:
     errors: list[str | None]
     seconds: float = 0.0
     convert_seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 class RequestError(ValueError):
@@ -98,22 +98,18 @@ class ModelService:
             if errors[i] is None and not 1 <= start <= len(seq):
                 errors[i] = f"response_start {start} must be in [1, {len(seq)}] (the first token has no logprob)"
         kk = min(k, self.vocab_size)
-        params = SamplingParams(
-            max_tokens=1, temperature=0.0, logprobs=kk, prompt_logprobs=kk, flat_logprobs=True, detokenize=False
-        )
+        # max_tokens=1: vLLM needs one step to return; only the prompt's logprobs are read.
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=kk, flat_logprobs=True, detokenize=False)
         outputs = self._run({i: (sequences[i], params) for i in range(len(sequences)) if errors[i] is None})
 
         convert_started = time.perf_counter()
         length = max([len(s) - r for s, r, e in zip(sequences, response_starts, errors) if e is None] or [0])
         topk = TopK.empty((len(sequences), length), k)
-        next_topk = TopK.empty((len(sequences), 1), k)
         for i, out in outputs.items():
             ids, logprobs = flat_to_arrays(out.prompt_logprobs, response_starts[i], kk)
             fill_topk(topk, i, ids, logprobs)
-            ids, logprobs = flat_to_arrays(out.outputs[0].logprobs, 0, kk)
-            fill_topk(next_topk, i, ids, logprobs)
         done = time.perf_counter()
-        return ScoreResult(topk, next_topk, self.version, errors, done - started, done - convert_started)
+        return ScoreResult(topk, self.version, errors, done - started, done - convert_started)
 
     def generate(
         self,
@@ -185,12 +181,9 @@ class ModelService:
         self.version = version
 
     def _keep_weights(self, blob: bytes, version: int) -> None:
-        """Write the blob as v<version>.safetensors (temp file, then rename) and drop older ones."""
+        """Write the blob as v<version>.safetensors (atomically) and drop older ones."""
         self.weights_dir.mkdir(parents=True, exist_ok=True)
-        path = self.weights_dir / f"v{version:06d}.safetensors"
-        temp = path.with_suffix(".tmp")
-        temp.write_bytes(blob)
-        os.replace(temp, path)
+        path = write_atomic(self.weights_dir / f"v{version:06d}.safetensors", blob)
         for old in self.weights_dir.glob("v*.safetensors"):
             if old != path:
                 old.unlink(missing_ok=True)
@@ -200,9 +193,6 @@ class ModelService:
         kept = sorted(self.weights_dir.glob("v*.safetensors"))  # zero-padded: the newest sorts last
         if kept:
             self._apply_weights(kept[-1].read_bytes(), int(kept[-1].stem.removeprefix("v")))
-
-    def get_version(self) -> int:
-        return self.version
 
     def __repr__(self) -> str:
         # Ray's dashboard and logs label an actor by its repr.
@@ -270,8 +260,6 @@ class ModelService:
 def _make_engine(model: str, cfg: EngineConfig, seed: int):
     from vllm import EngineArgs
     from vllm.v1.engine.llm_engine import LLMEngine
-
-    from services.metrics import vllm_stat_loggers
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_gb))
     args = EngineArgs(

@@ -1,4 +1,4 @@
-"""N replicas of a ModelService in Ray actors, behind one handle.
+"""N replicas of a ModelService in Ray actors, behind one handle (orchestrator.launcher starts them).
 
 A batch is split over the replicas: each sequence goes to the replica with the least work in
 flight (work = tokens), except that a sequence with a key (its prompt's id) stays on the replica
@@ -7,55 +7,31 @@ The parts run concurrently; ``Pending.result()`` puts the rows back in the calle
 """
 from __future__ import annotations
 
-import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
-from typing import Any, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
+import ray
 
-from services.config import EngineConfig
-from services.model_service import ModelService
-from services.protocol import PAD_ID, TopK
+from protocol.topk import PAD_ID, TopK
 
 STICKY_KEYS_KEPT = 100_000
 RESTART_TIMEOUT_S = 600.0  # how long a call waits for Ray to restart the only replica
 
 
-def start_service(
-    name: str, model: str, engine: EngineConfig, eos_token_id: int, seed: int = 0, weights_dir: str | None = None,
-    wait: bool = True,
-) -> "ServicePool":
-    """Start ``engine.replicas`` ModelService actors for ``model`` and wait until they serve.
-
-    ``wait=False`` returns at once, the engines loading in the background: the caller starts
-    other things meanwhile (the run starts teacher, student and learner together) and calls
-    ``pool.wait_ready()`` before the first request.
-
-    The actors are not Ray-named (a name is global to the cluster, so two runs or a rerun after a
-    crash would collide); ``name`` labels them instead: ModelService's repr shows it in the Ray
-    dashboard and in every error message. Ray restarts a dead replica (``engine.max_restarts``);
-    with ``weights_dir`` each replica keeps its latest loaded weights there and comes back with them.
-    """
-    import ray
-
-    actor_cls = ray.remote(ModelService)
-    actors = [
-        actor_cls.options(
-            num_cpus=engine.num_cpus,
-            num_gpus=engine.num_gpus,
-            max_restarts=engine.max_restarts,
-            max_task_retries=0,  # the pool retries, so it can move a call to another replica and count it
-            # vLLM's INFO and WARNING lines (per engine step, per weight load) drown the progress line.
-            runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}},
-        ).remote(model, engine, eos_token_id, seed + i, f"{name}-{i}",
-                 None if weights_dir is None else os.path.join(weights_dir, f"{name}-{i}"))
-        for i in range(engine.replicas)
-    ]
-    pool = ServicePool(actors, name, engine.request_timeout_s, engine.request_retries)
-    pool.ready = [a.info.remote() for a in actors]  # each answers once its engine has started
-    return pool.wait_ready() if wait else pool
+def wait_until_answers(call: Callable[[], Any], timeout_s: float, label: str):
+    """Block until the actor call ``call()`` makes is answered, asking again while Ray restarts the
+    actor (it refuses calls meanwhile); the answer. Raises TimeoutError naming ``label``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(call(), timeout=max(1.0, deadline - time.monotonic()))
+        except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{label} did not come back within {timeout_s:g} s of a restart") from None
+            time.sleep(1.0)
 
 
 class ServiceError(RuntimeError):
@@ -94,16 +70,12 @@ class Pending:
 
     def ready(self) -> bool:
         """All parts answered (or failed, or overran the timeout: ``result`` deals with those)."""
-        import ray
-
         done, _ = ray.wait(self.refs, num_returns=len(self.parts), timeout=0)
         return len(done) == len(self.parts) or self.pool.overdue(self.parts)
 
 
 def wait_any(pendings: list[Pending]) -> None:
     """Block until one of ``pendings`` is ready or its oldest part reaches the request timeout."""
-    import ray
-
     refs, deadlines = [], []
     for pending in pendings:
         refs += pending.refs
@@ -113,14 +85,17 @@ def wait_any(pendings: list[Pending]) -> None:
 
 
 class ServicePool:
+    """``actors``: started ModelService actors; ``ready``: their info() calls, answered once each
+    engine serves (``wait_ready`` collects them)."""
+
     def __init__(self, actors: list, name: str = "service", request_timeout_s: float | None = None,
-                 request_retries: int = 0):
+                 request_retries: int = 0, ready: list | None = None):
         self.actors = actors
         self.name = name
         self.request_timeout_s = request_timeout_s
         self.request_retries = request_retries
         self.infos: list[dict] = []
-        self.ready: list = []  # the replicas' info() calls, answered once their engines serve
+        self.ready: list = ready or []
         self._inflight: list[list[tuple[Any, int]]] = [[] for _ in actors]  # (ref, work) per replica
         self._sticky: OrderedDict[Hashable, int] = OrderedDict()
         self.calls_per_replica = np.zeros(len(actors), dtype=np.int64)
@@ -132,15 +107,11 @@ class ServicePool:
 
     def wait_ready(self) -> "ServicePool":
         """Block until every replica's engine has started (raises if one failed to)."""
-        import ray
-
         self.infos = ray.get(self.ready)
         return self
 
     def shutdown(self) -> None:
         """End every replica (its vLLM engine process goes with it)."""
-        import ray
-
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
 
@@ -165,13 +136,12 @@ class ServicePool:
         ]
         return Pending(self, parts, len(prefixes))
 
-    def load_weights(self, blob: bytes, version: int) -> list[int]:
-        """Every replica gets the same weights; returns their versions once all have them. A
-        replica that died meanwhile is waited for: it comes back with its kept weights, and gets
-        these if it kept older ones."""
-        import ray
-
-        ref = ray.put(blob)  # one copy in the object store, not one per replica
+    def load_weights(self, blob, version: int) -> list[int]:
+        """Every replica gets the same weights (a safetensors blob, or a Ray object reference to
+        one: the learner's rank 0 leaves it in the object store); returns their versions once all
+        have them. A replica that died meanwhile is waited for: it comes back with its kept
+        weights, and gets these if it kept older ones."""
+        ref = blob if isinstance(blob, ray.ObjectRef) else ray.put(blob)  # one copy, not one per replica
         calls = [a.load_weights.remote(ref, version) for a in self.actors]
         versions = []
         for replica, call in enumerate(calls):
@@ -203,8 +173,6 @@ class ServicePool:
         a hung replica is killed (Ray restarts it), and the part goes to the least-loaded other
         replica that is up, or back to the same one once Ray has restarted it (Ray refuses calls
         to a restarting actor)."""
-        import ray
-
         while True:
             deadline = self.deadline(part)
             try:
@@ -237,21 +205,13 @@ class ServicePool:
 
     def wait_until_serving(self, replica: int, timeout_s: float = RESTART_TIMEOUT_S) -> dict:
         """Block until ``replica`` answers (Ray refuses calls while it restarts); its info."""
-        import ray
-
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                return ray.get(self.actors[replica].info.remote(), timeout=max(1.0, deadline - time.monotonic()))
-            except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
-                if time.monotonic() > deadline:
-                    raise ServiceError(f"{self.name}-{replica} did not come back within {timeout_s:g} s of a restart")
-                time.sleep(1.0)
+        try:
+            return wait_until_answers(self.actors[replica].info.remote, timeout_s, f"{self.name}-{replica}")
+        except TimeoutError as err:
+            raise ServiceError(str(err)) from None
 
     def down(self) -> set[int]:
         """Replicas that failed and have not answered since (Ray is restarting them)."""
-        import ray
-
         for replica, probe in list(self._probes.items()):
             if not ray.wait([probe], timeout=0)[0]:
                 continue
@@ -269,8 +229,6 @@ class ServicePool:
 
     def load(self) -> np.ndarray:
         """Work (tokens) still in flight on each replica."""
-        import ray
-
         loads = np.zeros(len(self.actors), dtype=np.int64)
         for r, inflight in enumerate(self._inflight):
             if inflight:
@@ -352,9 +310,5 @@ def _merge_topk(values: list[TopK], rows, n: int) -> TopK:
     width = max(v.ids.shape[1] for v in values)
     out = TopK.empty((n, width), values[0].k)
     for v, idx in zip(values, rows):
-        t = v.ids.shape[1]
-        out.ids[idx, :t] = v.ids
-        out.logprobs[idx, :t] = v.logprobs
-        out.token_logprob[idx, :t] = v.token_logprob
-        out.mask[idx, :t] = v.mask
+        out.put((idx, slice(0, v.ids.shape[1])), v)
     return out

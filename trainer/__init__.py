@@ -1,1 +1,1 @@
-"""Student training: losses, learner group, checkpoints, weight export, embedded default builder."""
+"""Student training: the DeepSpeed learner and its group, losses, checkpoints, the LR schedule, exact transformers references."""

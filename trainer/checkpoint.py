@@ -11,21 +11,18 @@ fsyncs, renames it into place and swaps the `latest` pointer (write temp, rename
 any point leaves the previous checkpoint complete and pointed to. The checkpoint directory must
 be on storage every rank sees (one machine, or a shared filesystem on a cluster).
 
-The run state is JSON (no pickle): whatever the caller passes (step, data cursor, RNG states,
-policy state, weight version, config) must be JSON-able; ``rng_state`` turns the python, numpy
-and torch generators into plain lists.
+The run state is JSON (no pickle): whatever the caller passes (step, data cursor, weight
+version, config) must be JSON-able.
 """
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 from pathlib import Path
 
-import numpy as np
-import torch
+from protocol.files import write_atomic
 
 RUN_STATE_FILE = "run_state.json"
 LATEST_FILE = "latest"
@@ -61,16 +58,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def commit(run_dir: str | Path, step: int, run_state: dict, keep: int = 2) -> Path:
     """Rank 0, after every rank has written into ``staging_dir``: make the checkpoint visible.
 
@@ -99,7 +86,7 @@ def commit(run_dir: str | Path, step: int, run_state: dict, keep: int = 2) -> Pa
     else:
         os.replace(staged, final)
     _fsync_dir(final.parent)
-    _write_atomic(final.parent / LATEST_FILE, step_tag(step))
+    write_atomic(final.parent / LATEST_FILE, step_tag(step))
     prune(run_dir, keep)
     return final
 
@@ -145,25 +132,3 @@ def prune(run_dir: str | Path, keep: int) -> None:
 
 def read_run_state(checkpoint: str | Path) -> dict:
     return json.loads((Path(checkpoint) / RUN_STATE_FILE).read_text())
-
-
-# -- random number generators as JSON ------------------------------------------------------------
-
-
-def rng_state() -> dict:
-    """The python, numpy and torch (CPU) generators' states as JSON-able values."""
-    py_version, py_internal, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    return {
-        "python": [py_version, list(py_internal), py_gauss],
-        "numpy": [np_name, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
-        "torch": torch.get_rng_state().tolist(),
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    py_version, py_internal, py_gauss = state["python"]
-    random.setstate((py_version, tuple(py_internal), py_gauss))
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
-    np.random.set_state((np_name, np.asarray(np_keys, dtype=np.uint32), np_pos, np_has_gauss, np_gauss))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))

@@ -2,32 +2,23 @@
 
 Every call fans out to all ranks (DeepSpeed's collectives need every rank) and returns rank
 0's result. The batch is put into Ray's object store once and every rank reads the same copy.
+orchestrator.launcher starts the rank actors; this class sets them up and drives them.
 """
 from __future__ import annotations
 
-import time
-
 import ray
 
-from services.pool import ServicePool
+from protocol.batch import TrainBatch
 from trainer import checkpoint
-from trainer.config import LearnerConfig, LossConfig
-from trainer.learner import LearnerRank
+from trainer.config import LossConfig
 
 
 class LearnerGroup:
-    def __init__(self, model_path: str, cfg: LearnerConfig, loss: LossConfig, total_steps: int | None = None):
-        """Start ``cfg.world_size`` rank actors and build their DeepSpeed engines (blocks until ready).
-
-        The ranks are not Ray-named: a name is global to the cluster and two runs would collide."""
-        self.cfg = cfg
+    def __init__(self, ranks: list, model_path: str, loss: LossConfig):
+        """Build the DeepSpeed engines of ``ranks`` (started LearnerRank actors, rank order) on
+        ``model_path``; blocks until every rank is ready."""
         self.loss = loss
-        rank_cls = ray.remote(LearnerRank)
-        self.ranks = [
-            rank_cls.options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus).remote(
-                r, cfg, total_steps)
-            for r in range(cfg.world_size)
-        ]
+        self.ranks = ranks
         try:
             master_addr, master_port = ray.get(self.ranks[0].address.remote())
             self.info = self._all("setup", master_addr, master_port, model_path)
@@ -49,27 +40,21 @@ class LearnerGroup:
             ray.get(done)
         return ray.get(refs[0])
 
-    def train_step(self, batch, loss: LossConfig | None = None) -> dict:
-        """One optimizer step on a MixedBatch; loss, grad norm, tokens, tokens/s, timings (rank 0's)."""
+    def train_step(self, batch: TrainBatch, loss: LossConfig | None = None) -> dict:
+        """One optimizer step on ``batch``; loss, grad norm, tokens, tokens/s, timings (rank 0's)."""
         return self._all("train_step", ray.put(batch), loss or self.loss)
 
     def export_state(self) -> dict:
         """The full weights (HF names, CPU tensors), gathered on rank 0."""
         return self._all("export_state")
 
-    def push_weights(self, pool, version: int) -> dict:
-        """Gather the full weights on rank 0, pack one safetensors blob in memory, load it into ``pool``.
-
-        Returns seconds spent gathering, packing and loading (measured on rank 0), the end-to-end
-        seconds seen here, the blob's size and the version.
-        """
-        started = time.perf_counter()
-        # Rank 0 loads the blob itself; a bare pool of the same actors travels there (not the
-        # caller's placement bookkeeping), the other ranks only join the gather.
-        refs = [self.ranks[0].push_weights.remote(ServicePool(pool.actors), version)]
-        refs += [r.push_weights.remote(None, version) for r in self.ranks[1:]]
-        timing = self._wait(refs)
-        return {**timing, "push_s": time.perf_counter() - started}
+    def packed_weights(self) -> tuple:
+        """The full weights gathered on rank 0 and packed as one safetensors blob: (a Ray object
+        reference to the blob, rank 0's timings). The blob stays in the object store, never in
+        this process; whoever owns the weight version hands the reference to the student pool."""
+        calls = [r.packed_weights.options(num_returns=2).remote() for r in self.ranks]
+        timings = self._wait([timing for timing, _ in calls])  # raises if a rank failed the gather
+        return calls[0][1], timings
 
     def save_checkpoint(self, run_dir: str, step: int, run_state: dict) -> str:
         """Write ``<run_dir>/checkpoints/step-N`` atomically; returns its path."""

@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from services.protocol import MixedBatch
-from services.weight_sync import pack_state
+from protocol.batch import TrainBatch
+from protocol.weights import pack_state
 from trainer import checkpoint
 from trainer.config import LearnerConfig, LossConfig
 from trainer.losses import distillation_loss
+from trainer.schedule import lr_scheduler
 
 
 # Weight export gathers ZeRO-3 shards this many bytes at a time: few collectives, bounded memory.
@@ -74,25 +75,6 @@ def make_optimizer(params, cfg: LearnerConfig) -> torch.optim.Optimizer:
     raise ValueError(f"learner.optimizer: unknown optimizer {cfg.optimizer!r}")
 
 
-def lr_factor(step: int, schedule: str, warmup_steps: int, decay_steps: int | None) -> float:
-    """Multiplier of the base lr after ``step`` optimizer steps: linear warmup, then the schedule.
-
-    ``linear`` and ``cosine`` decay to 0 at ``decay_steps`` (counted from step 0, warmup included).
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    if not decay_steps:
-        raise ValueError(f"lr_schedule {schedule!r} needs learner.decay_steps or the run's total steps")
-    progress = min(1.0, (step - warmup_steps) / max(1, decay_steps - warmup_steps))
-    if schedule == "linear":
-        return 1.0 - progress
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"learner.lr_schedule: unknown schedule {schedule!r}")
-
-
 # -- batch -> tensors -----------------------------------------------------------------------------
 
 
@@ -113,7 +95,7 @@ def shard_rows(n_rows: int, world_size: int, rank: int, min_micro_batches: int,
     return parts[rank * micro_batches: (rank + 1) * micro_batches]
 
 
-def batch_tensors(batch: MixedBatch, device: torch.device) -> dict[str, torch.Tensor]:
+def batch_tensors(batch: TrainBatch, device: torch.device) -> dict[str, torch.Tensor]:
     """The arrays the loss needs, as tensors, cut to this batch's longest sequence/response."""
     total = batch.prompt_lengths + batch.response_lengths
     if (batch.prompt_lengths < 1).any():
@@ -226,11 +208,8 @@ class LearnerRank:
 
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         optimizer = make_optimizer(model.parameters(), self.cfg)
-        decay_steps = self.cfg.decay_steps or self.total_steps
-        lr_factor(self.cfg.warmup_steps, self.cfg.lr_schedule, self.cfg.warmup_steps, decay_steps)  # fails early
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, partial(lr_factor, schedule=self.cfg.lr_schedule, warmup_steps=self.cfg.warmup_steps,
-                               decay_steps=decay_steps))
+        scheduler = lr_scheduler(optimizer, self.cfg.lr_schedule, self.cfg.warmup_steps,
+                                 self.cfg.decay_steps or self.total_steps)
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(self.cfg, on_gpu),
@@ -241,7 +220,7 @@ class LearnerRank:
 
     # -- training -----------------------------------------------------------------------------
 
-    def train_step(self, batch: MixedBatch, loss_cfg: LossConfig) -> dict:
+    def train_step(self, batch: TrainBatch, loss_cfg: LossConfig) -> dict:
         """One optimizer step on the global batch; every rank must call it with the same batch."""
         import torch.distributed as dist
 
@@ -339,24 +318,17 @@ class LearnerRank:
             seen.add(id(tensor))
         return state
 
-    def push_weights(self, pool, version: int) -> dict | None:
-        """Gather the weights, pack one safetensors blob and load it into ``pool`` (a ServicePool), on rank 0.
-
-        Rank 0 does it itself so the weights cross process boundaries once, as one blob, not as
-        a dict of tensors through the driver. The other ranks (``pool`` None) only join the gather.
-        """
+    def packed_weights(self) -> tuple[dict | None, bytes | None]:
+        """(timings, the weights as one safetensors blob) on rank 0, (None, None) elsewhere; every
+        rank joins the gather. Called with two Ray returns, so the blob stays in the object store
+        and crosses processes once, to the student engines."""
         started = time.perf_counter()
         state = self.export_state()
         if state is None:
-            return None
+            return None, None
         gathered = time.perf_counter()
         blob = pack_state(state)
-        del state
-        packed = time.perf_counter()
-        pool.load_weights(blob, version)
-        loaded = time.perf_counter()
-        return {"gather_s": gathered - started, "pack_s": packed - gathered, "load_s": loaded - packed,
-                "bytes": len(blob), "version": version}
+        return {"gather_s": gathered - started, "pack_s": time.perf_counter() - gathered, "bytes": len(blob)}, blob
 
     def export_hf(self, out_dir: str, tokenizer_dir: str | None = None) -> str | None:
         """Write a Hugging Face model directory (config, safetensors, tokenizer) on rank 0."""

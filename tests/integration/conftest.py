@@ -40,7 +40,7 @@ def embedded_data(embedded_fast):
 
     from transformers import AutoTokenizer
 
-    from trainer.text import encode_prompt, encode_response
+    from orchestrator.text import encode_prompt, encode_response
 
     tok = AutoTokenizer.from_pretrained(embedded_fast / "teacher")
     rows = [json.loads(line) for line in (embedded_fast / "data" / "validation.jsonl").read_text().splitlines()]
@@ -55,7 +55,7 @@ def teacher_pool(ray_cluster, embedded_data, cpu_engine):
     """The fast embedded teacher behind two replicas."""
     from dataclasses import replace
 
-    from services.pool import start_service
+    from orchestrator.launcher import start_service
 
     pool = start_service("teacher", str(embedded_data["dir"] / "teacher"), replace(cpu_engine, replicas=2),
                          embedded_data["eos"])
@@ -66,7 +66,7 @@ def teacher_pool(ray_cluster, embedded_data, cpu_engine):
 
 @pytest.fixture(scope="session")
 def student_pool(ray_cluster, embedded_data, cpu_engine):
-    from services.pool import start_service
+    from orchestrator.launcher import start_service
 
     pool = start_service("student", str(embedded_data["dir"] / "student"), cpu_engine, embedded_data["eos"])
     yield pool

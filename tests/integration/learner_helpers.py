@@ -1,11 +1,12 @@
-"""Tiny random Llamas and MixedBatches for the learner and weight-push tests."""
+"""Tiny random Llamas and TrainBatches for the learner and weight-push tests."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, LlamaForCausalLM, Qwen2Config
 
-from services.protocol import MixedBatch, topk_from_logprobs
+from protocol.batch import TrainBatch
+from protocol.topk import topk_from_logprobs
 from trainer.config import LossConfig
 from trainer.losses import distillation_loss
 
@@ -44,7 +45,7 @@ def tiny_causal_lm(arch: str, seed: int, vocab: int, hidden: int, heads: int, la
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def make_batch(teacher, seed: int, prompt_lengths, response_lengths, k: int = 8) -> MixedBatch:
+def make_batch(teacher, seed: int, prompt_lengths, response_lengths, k: int = 8) -> TrainBatch:
     """Random prompt + response tokens, the teacher's top-k at every response position."""
     rng = np.random.default_rng(seed)
     prompt_lengths = np.asarray(prompt_lengths, dtype=np.int64)
@@ -60,14 +61,11 @@ def make_batch(teacher, seed: int, prompt_lengths, response_lengths, k: int = 8)
     topk = topk_from_logprobs(np.take_along_axis(logprobs, predicting[..., None], axis=1), targets, k)
     topk.mask[...] = np.arange(resp)[None] < response_lengths[:, None]
     topk.logprobs[~topk.mask] = -np.inf
-    return MixedBatch(
-        tokens=tokens.astype(np.int64), prompt_lengths=prompt_lengths, response_lengths=response_lengths,
-        writer=rng.integers(0, 2, (rows, resp)).astype(np.int8), teacher=topk,
-        policy_version=np.zeros(rows, dtype=np.int64), stats={"teacher_fraction": rng.random(rows)},
-    )
+    return TrainBatch(tokens=tokens.astype(np.int64), prompt_lengths=prompt_lengths,
+                      response_lengths=response_lengths, teacher=topk)
 
 
-def reference_loss(model, batch: MixedBatch, loss: LossConfig) -> float:
+def reference_loss(model, batch: TrainBatch, loss: LossConfig) -> float:
     """distillation_loss on logits from a plain forward of each row alone (no padding, no mask)."""
     rows, resp = batch.teacher.mask.shape
     logits = torch.zeros(rows, resp, model.config.vocab_size)

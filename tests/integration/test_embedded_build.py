@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from trainer.embedded.build import VARIANTS, build, is_built, settings_hash
+from build.embedded.build import VARIANTS, build, is_built, settings_hash
 
 SPLITS = ("train", "validation", "test")
 
@@ -49,7 +49,7 @@ def test_tokenizer_round_trips_text(tokenizer):
 
 
 def test_chat_template(tokenizer):
-    from trainer.text import encode_prompt
+    from orchestrator.text import encode_prompt
 
     messages = [{"role": "user", "content": "Compute 1 + 2."}]
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -81,9 +81,9 @@ def test_models_load_and_share_the_vocabulary(embedded_fast, tokenizer, report):
 def test_batched_greedy_matches_one_at_a_time(embedded_fast, tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from trainer.embedded.models import greedy_generate
-    from trainer.embedded.task import read_jsonl
-    from trainer.text import encode_prompt
+    from trainer.reference import greedy_generate
+    from build.embedded.task import read_jsonl
+    from orchestrator.text import encode_prompt
 
     teacher = AutoModelForCausalLM.from_pretrained(embedded_fast / "teacher")
     rows = read_jsonl(embedded_fast / "data" / "validation.jsonl")[:6]
@@ -131,8 +131,8 @@ def test_packed_rows_compute_each_example_as_if_alone(tokenizer):
 
     import torch
 
-    from trainer.embedded.models import ModelSize, collate_packed, encode_examples, make_model, packed_batches
-    from trainer.embedded.task import make_splits
+    from build.embedded.models import ModelSize, collate_packed, encode_examples, make_model, packed_batches
+    from build.embedded.task import make_splits
 
     encoded = encode_examples(tokenizer, make_splits(1, 40, 1, 1)["train"])
     rows = next(packed_batches(encoded, rows=3, row_tokens=256, rng=random.Random(0)))

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save
 
 from processes import child_pids
-from services.pool import ServiceError, ServicePool, start_service
+from orchestrator.launcher import start_service
+from services.pool import ServiceError, ServicePool
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -162,4 +163,6 @@ def test_run_survives_killed_teacher_student_and_learner_then_stops_and_resumes(
     assert replayed[1]["loss"] == pytest.approx(replayed[0]["loss"], rel=1e-5, abs=1e-7)
     # No step applied twice: the optimizer has taken exactly `step` steps when step is logged.
     assert all(r["optimizer_step"] == r["step"] for r in steps)
+    # Synchronous loop: every batch, replayed ones too, trained the weights that rolled it out.
+    assert all(r["policy_lag"] == 0 for r in steps), [r["policy_lag"] for r in steps]
     assert (run_dir / "student" / "model.safetensors").exists()

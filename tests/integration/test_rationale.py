@@ -21,13 +21,13 @@ ENV = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
 def _overrides(build: Path, cache: Path) -> list[str]:
     return [f"models.teacher={build / 'teacher'}", f"models.student={build / 'student'}", "models.build_embedded=null",
             *[f"data.data_files.{s}={build / 'data' / (s + '.jsonl')}" for s in ("train", "validation", "test")],
-            f"rationale.cache_dir={cache}", "rationale.shard_rows=16", "rationale.batch_size=8",
-            "rationale.max_new_tokens=96", "ray.dashboard=false"]
+            f"sft.cache_dir={cache}", "sft.shard_rows=16", "sft.batch_size=8",
+            "sft.max_new_tokens=96", "ray.dashboard=false"]
 
 
 def _stage(build: Path, cache: Path) -> list[str]:
-    return [sys.executable, "-m", "orchestrator.rationale_stage", "--config", "deploy/configs/embedded-rationale.yaml",
-            *_overrides(build, cache), "rationale.train_rows=96"]
+    return [sys.executable, "-m", "orchestrator.rationale.stage", "--config", "deploy/configs/embedded-rationale.yaml",
+            *_overrides(build, cache), "sft.train_rows=96"]
 
 
 def _shards(cache: Path) -> dict[str, Path]:
@@ -87,7 +87,7 @@ def test_killed_stage_resumes_to_the_same_rationales_and_a_run_trains_on_them(em
     run_dir = tmp_path / "run"
     trained = subprocess.run(
         [sys.executable, "-m", "orchestrator.run", "--config", "deploy/configs/embedded-rationale.yaml",
-         *_overrides(embedded_fast, tmp_path / "run-cache"), f"output_dir={run_dir}", "rationale.train_rows=32",
+         *_overrides(embedded_fast, tmp_path / "run-cache"), f"output_dir={run_dir}", "sft.train_rows=32",
          "rollout.prompts_per_step=32", "rollout.max_new_tokens=96", "schedule.steps=8", "schedule.eval_every=100",
          "schedule.checkpoint_every=100", "schedule.eval_examples=8", "schedule.max_train_tokens=7000"],
         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)

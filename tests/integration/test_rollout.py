@@ -4,7 +4,7 @@ import pytest
 
 from orchestrator.config import PolicyConfig, RolloutConfig, from_dict
 from orchestrator.rollout import Rollout, run_rollout
-from services.protocol import REFERENCE, STUDENT, TEACHER
+from protocol.batch import REFERENCE, STUDENT, TEACHER
 
 K = 20
 # Parameters that make every rule fire on the fast embedded models, so the comparison covers
@@ -50,8 +50,6 @@ def test_greedy_lockstep_and_draft_verify_are_identical(pools, embedded_data, po
     # The learner's targets agree too (same prefixes; prefill vs step-by-step numerics).
     np.testing.assert_allclose(dv.teacher.logprobs[dv.response_mask], lock.teacher.logprobs[lock.response_mask],
                                atol=1e-4)
-    np.testing.assert_allclose(dv.teacher.token_logprob[dv.response_mask],
-                               lock.teacher.token_logprob[lock.response_mask], atol=1e-4)
 
     writers = set(np.unique(dv.writer[dv.response_mask]).tolist())
     expected = {"on_policy": {STUDENT}, "teacher": {TEACHER}, "ground_truth": {REFERENCE},

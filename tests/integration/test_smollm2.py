@@ -15,13 +15,12 @@ import torch
 from learner_helpers import model_with
 
 from orchestrator.models import check_pair
-from orchestrator.rationale_data import reference_batch
-from orchestrator.smollm2 import find_gguf
-from services.pool import start_service
+from orchestrator.rationale.data import reference_batch
+from build.smollm2 import find_gguf
+from orchestrator.launcher import start_learner, start_service
 from trainer.config import LearnerConfig, LossConfig
-from trainer.group import LearnerGroup
-from trainer.pretrained import gguf_to_hf, prune_layers
-from trainer.text import encode_prompt, encode_response
+from build.pretrained import gguf_to_hf, prune_layers
+from orchestrator.text import encode_prompt, encode_response
 
 QUESTIONS = [("What is 2+3?", "2 + 3 = 5"), ("Sort 4 1 8 6 from smallest to largest.", "1 4 6 8"),
              ("Name a color.", "Blue"), ("Start with 12.\nStep 1: add 3\nWhat is the result?", "Step 1: 12 + 3 = 15\nAnswer: 15")]
@@ -67,7 +66,7 @@ def test_pushed_pruned_student_scores_like_the_learner(ray_cluster, smollm2, cpu
     tok, student_dir = smollm2["tokenizer"], smollm2["dir"] / "student"
     rows = [(encode_prompt(tok, q), encode_response(tok, a)) for q, a in QUESTIONS]
     sequences, starts = [p + r for p, r in rows], [len(p) for p, _ in rows]
-    group = LearnerGroup(str(student_dir), LearnerConfig(world_size=1, zero_stage=2, lr=1e-3),
+    group = start_learner(str(student_dir), LearnerConfig(world_size=1, zero_stage=2, lr=1e-3),
                          LossConfig(kind="cross_entropy"))
     pool = start_service("student", str(student_dir), cpu_engine, tok.eos_token_id)
 
@@ -86,12 +85,12 @@ def test_pushed_pruned_student_scores_like_the_learner(ray_cluster, smollm2, cpu
         return scored.topk.token_logprob[scored.topk.mask]
 
     try:
-        group.train_step(reference_batch(rows, 0))
+        group.train_step(reference_batch(rows, 0).for_learner())
         expected, state = learner_logprobs()
         assert torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])  # still tied after training
         before = service_logprobs()
         assert np.abs(before - expected).max() > 1e-2  # the step moved the weights: a push that did nothing fails
-        group.push_weights(pool, version=1)
+        pool.load_weights(group.packed_weights()[0], version=1)
         after = service_logprobs()
         np.testing.assert_allclose(after, expected, atol=2e-3)
         assert pool.versions() == [1]

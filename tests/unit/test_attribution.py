@@ -7,13 +7,13 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from orchestrator.data import Examples
-from orchestrator.rationale_data import reference_batch, training_texts
-from services.protocol import REFERENCE
-from trainer.attribution import attribution_scores
+from orchestrator.rationale.data import reference_batch, training_texts
+from protocol.batch import REFERENCE
+from orchestrator.rationale.attribution import attribution_scores
 from trainer.config import LossConfig
-from trainer.embedded.tokenizer import train_tokenizer
+from build.embedded.tokenizer import train_tokenizer
 from trainer.losses import distillation_loss
-from trainer.rationale import (RATIONALE_PREFIX, answer_overlap, content_token_spans, select_words,
+from orchestrator.rationale.selection import (RATIONALE_PREFIX, answer_overlap, content_token_spans, select_words,
                                strip_rationale, word_scores)
 
 

@@ -8,7 +8,7 @@ import pytest
 from orchestrator.config import ConfigError, DataConfig, load_config, resume_conflicts, to_dict
 from orchestrator.data import DataError, tokenize_rows
 from orchestrator.models import ModelError, check_causal_lm, check_pair
-from orchestrator.run import check_resumable
+from orchestrator.steps import check_resumable
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +95,28 @@ def test_resume_refuses_a_checkpoint_of_an_incompatible_run(tmp_path):
     check_resumable(current, tmp_path)  # starting over is the user's call
     current.resume, current.policy.name = True, "switch"
     check_resumable(current, tmp_path)  # only schedule.steps changed: resumable
+
+
+def test_a_jsonl_line_that_is_not_json_is_named_by_file_and_line(tokenizer, tmp_path):
+    from orchestrator.data import load_split
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "c", "response": "d"\n')
+    with pytest.raises(DataError, match=r"train.jsonl:3: not valid JSON \(Expecting ',' delimiter at column \d+\): '\{\"prompt\": \"c\""):
+        load_split(DataConfig(data_files={"train": str(data)}), "train", tokenizer)
+
+
+def test_a_response_budget_beyond_the_context_is_refused_at_load():
+    with pytest.raises(ConfigError, match=r"rollout.max_new_tokens: 100000 does not fit services.\*.max_model_len=512"):
+        load_config(None, ["rollout.max_new_tokens=100000"])
+
+
+def test_the_command_prints_one_line_for_bad_input_and_the_traceback_on_request(tmp_path, capsys, monkeypatch):
+    from orchestrator.run import main
+
+    monkeypatch.delenv("SWITCHKD_TRACEBACK", raising=False)
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"switchkd: error: {tmp_path / 'missing.yaml'}: config file not found"
+    with pytest.raises(ConfigError, match="config file not found"):
+        main(["--config", str(tmp_path / "missing.yaml"), "--traceback"])

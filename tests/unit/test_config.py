@@ -88,3 +88,19 @@ def test_base_dir_makes_local_paths_absolute_and_leaves_hub_names(tmp_path):
     hub = load_config(None, [f"base_dir={tmp_path}", "models.build_embedded=null", "models.teacher=Org/Teacher-7B",
                              "output_dir=/abs/run"])
     assert hub.models.teacher == "Org/Teacher-7B" and hub.output_dir == "/abs/run"
+
+
+def test_recipes_are_chosen_by_method_and_old_rationale_keys_name_the_new_ones(tmp_path):
+    assert load_config().method == "distill"
+    sft = load_config(None, ["method=sft", "loss.kind=cross_entropy"])
+    assert sft.method == "sft" and sft.sft.format == "answer_only"  # plain SFT unless a rationale format is set
+    with pytest.raises(ConfigError, match="loss.kind: method sft trains on fixed text and needs loss.kind=cross_entropy"):
+        load_config(None, ["method=sft", "loss.kind=forward_kl"])
+    old = tmp_path / "old.yaml"
+    old.write_text("policy:\n  name: rationale\nrationale:\n  format: multitask\n")
+    with pytest.raises(ConfigError, match=r"old.yaml: policy.name: 'rationale' is no longer a policy: set method: sft "
+                                          r"and sft.format"):
+        load_config(old)
+    old.write_text("method: sft\nrationale:\n  format: multitask\n")
+    with pytest.raises(ConfigError, match=r"the rationale section is now sft .*rationale.format -> sft.format"):
+        load_config(old)

@@ -2,13 +2,15 @@
 vLLM, no Ray): lockstep and draft-verify must agree for every policy, prompt set and draft limit.
 The real-engine version of this test is tests/integration/test_rollout.py."""
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator.config import PolicyConfig, RolloutConfig, from_dict
 from orchestrator.rollout import Rollout, run_rollout
+from protocol.batch import REFERENCE, STUDENT, TEACHER
+from protocol.topk import PAD_ID, TopK
 from services.model_service import GenerateResult, ScoreResult
-from services.protocol import PAD_ID, REFERENCE, STUDENT, TEACHER, TopK
 
 VOCAB, EOS = 12, 2
 
@@ -84,16 +86,13 @@ class FakePool:
     def score(self, sequences, starts, k, keys=None):
         width = max(len(s) - r for s, r in zip(sequences, starts))
         topk = TopK.empty((len(sequences), width), k)
-        next_topk = TopK.empty((len(sequences), 1), k)
         for i, (seq, start) in enumerate(zip(sequences, starts)):
-            for j in range(start, len(seq) + 1):
+            for j in range(start, len(seq)):
                 logp = self.model.logprobs(seq[:j])
                 ids, lps = self._topk(logp, k)
-                target = (topk, i, j - start) if j < len(seq) else (next_topk, i, 0)
-                out, row, col = target
-                out.ids[row, col], out.logprobs[row, col], out.mask[row, col] = ids, lps, True
-                out.token_logprob[row, col] = logp[seq[j]] if j < len(seq) else lps[0]
-        return Done(ScoreResult(topk, next_topk, 0, [None] * len(sequences)))
+                topk.ids[i, j - start], topk.logprobs[i, j - start], topk.mask[i, j - start] = ids, lps, True
+                topk.token_logprob[i, j - start] = logp[seq[j]]
+        return Done(ScoreResult(topk, 0, [None] * len(sequences)))
 
 
 SETTINGS = {
@@ -135,8 +134,6 @@ def test_greedy_strategies_agree(policy, seed, max_draft, first_draft, n):
     np.testing.assert_array_equal(dv.response_lengths, lock.response_lengths)
     np.testing.assert_array_equal(dv.writer, lock.writer)
     np.testing.assert_allclose(dv.teacher.logprobs[dv.response_mask], lock.teacher.logprobs[lock.response_mask])
-    np.testing.assert_allclose(dv.teacher.token_logprob[dv.response_mask],
-                               lock.teacher.token_logprob[lock.response_mask])
     # Every response position carries the teacher's top-k of that exact prefix.
     teacher = FakeModel(100 + seed, 2.0)
     for i in range(len(prompts)):
@@ -175,3 +172,14 @@ def test_switch_stats_describe_the_rows():
     first = np.where(by_teacher.any(1), by_teacher.argmax(1), -1)
     assert (s["first_switch"] == first).all()
     assert ((batch.writer == STUDENT) | (batch.writer == TEACHER))[batch.response_mask].all()
+
+
+@pytest.mark.parametrize("strategy", ["lockstep", "draft_verify"])
+def test_a_student_answer_from_another_weight_version_is_refused(strategy):
+    """The fake student serves weight version 0; a rollout for version 1 must not use its tokens."""
+    ro = Rollout(policy=from_dict(PolicyConfig, {"name": "on_policy"}),
+                 cfg=from_dict(RolloutConfig, {"strategy": strategy, "top_k": 5, "max_new_tokens": 8}),
+                 teacher=FakePool(FakeModel(1, 2.0)), student=FakePool(FakeModel(2, 1.0)),
+                 eos_token_id=EOS, max_model_len=64)
+    with pytest.raises(RuntimeError, match="answered with weight version 0, but this rollout is for version 1"):
+        run_rollout(ro, [[3, 4]], None, np.arange(1), seed=0, policy_version=1)

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator.divergence import jsd, kl, shared_support, topk_divergences
-from services.protocol import topk_from_logprobs
+from protocol.topk import topk_from_logprobs
 
 
 def _log_softmax(x):

@@ -2,8 +2,8 @@ import re
 
 import pytest
 
-from trainer.embedded import task
-from trainer.scoring import extract_answer
+from build.embedded import task
+from orchestrator.scoring import extract_answer
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
-from trainer.pretrained import decoder_layers, pruned_layer_indices, prune_layers
+from build.pretrained import decoder_layers, pruned_layer_indices, prune_layers
 
 SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)

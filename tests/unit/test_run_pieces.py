@@ -5,8 +5,9 @@ import numpy as np
 
 from orchestrator.metrics import RunMetrics, read_records, rollout_record
 from orchestrator.report import write_report
-from orchestrator.run import batch_rows
-from services.protocol import MixedBatch, TopK
+from orchestrator.steps import batch_rows
+from protocol.batch import MixedBatch
+from protocol.topk import TopK
 
 
 def test_batch_rows_walks_seeded_epochs_without_repeats():
@@ -71,7 +72,7 @@ def test_bench_records_a_resumed_run_but_not_a_stopped_one():
 
 
 def test_resume_false_clears_the_earlier_run_but_not_the_rest(tmp_path):
-    from orchestrator.run import start_afresh
+    from orchestrator.steps import start_afresh
 
     for name in ("checkpoints/step-000002", "eval", "rollouts", "student"):
         (tmp_path / name).mkdir(parents=True)
@@ -80,3 +81,81 @@ def test_resume_false_clears_the_earlier_run_but_not_the_rest(tmp_path):
     start_afresh(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]  # overwritten by the run's export
     start_afresh(tmp_path)  # nothing left to clear: no error
+
+
+def test_write_atomic_replaces_whole_files_and_leaves_no_temporary(tmp_path):
+    from protocol.files import write_atomic
+
+    target = tmp_path / "state.json"
+    write_atomic(target, "first")
+    write_atomic(target, b"second")
+    assert target.read_text() == "second" and [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_topk_put_and_fitted_copy_all_four_arrays():
+    source = TopK.empty((2, 3), 4)
+    source.ids[:] = np.arange(4)
+    source.logprobs[:] = -1.0
+    source.token_logprob[:] = -2.0
+    source.mask[:] = True
+    wide = source.fitted(5)
+    assert wide.ids.shape == (2, 5, 4) and wide.mask[:, :3].all() and not wide.mask[:, 3:].any()
+    assert (wide.token_logprob[:, :3] == -2.0).all() and np.isneginf(wide.logprobs[:, 3:]).all()
+    assert source.fitted(2).ids.shape == (2, 2, 4)
+    target = TopK.empty((3, 6), 4)
+    target.put((np.array([0, 2]), slice(1, 4)), source)
+    assert target.mask[[0, 2], 1:4].all() and not target.mask[1].any() and (target.ids[2, 2] == np.arange(4)).all()
+
+
+class FakeLearner:
+    """Stands in for the learner group in a test of the loop's bookkeeping (pure logic)."""
+
+    def __init__(self):
+        self.steps = 0
+
+    def train_step(self, batch):
+        self.steps += 1
+        return {"loss": 1.0 / self.steps, "grad_norm": 0.1, "lr": 1e-3, "tokens_per_s": 1.0, "seconds": 0.0,
+                "optimizer_step": self.steps}
+
+    def packed_weights(self):
+        return f"weights after {self.steps} steps", {"gather_s": 0.0, "pack_s": 0.0, "bytes": 1}
+
+    def save_checkpoint(self, run_dir, step, state):
+        self.saved = state
+
+
+class FakeStudentPool:
+    """Stands in for the student pool: records which blob each version got (pure logic)."""
+
+    def __init__(self):
+        self.loaded = {}
+
+    def load_weights(self, blob, version):
+        self.loaded[version] = blob
+
+    def take_events(self):
+        return []
+
+
+def test_training_loop_owns_the_weight_version_and_measures_policy_lag(tmp_path):
+    from orchestrator.config import load_config
+    from orchestrator.steps import EvalSet, TrainingLoop
+
+    cfg = load_config(None, ["schedule.steps=4", "schedule.push_every=2", "schedule.eval_every=100",
+                             "schedule.checkpoint_every=100"])
+    learner, student = FakeLearner(), FakeStudentPool()
+    loop = TrainingLoop(cfg, tmp_path, RunMetrics(tmp_path, "test", export_to_ray=False), learner, student,
+                        EvalSet(None, None, 64), pools=[])
+    loop.progress = lambda step, record: None
+    loop.evaluate = lambda step: {"eval_rouge_l": 0.5}  # the last step evaluates; no engine here
+    while loop.more_steps():
+        batch = _batch_for_metrics()
+        batch.policy_version[:] = loop.version  # what the rollout stamps on its rows
+        assert loop.train_on(batch, 1.0, examples_used=2)
+    records = [r for r in read_records(tmp_path) if "loss" in r]
+    # push_every=2: steps 1 and 3 train weights the batch's rollout did not see (one step behind).
+    assert [r["policy_lag"] for r in records] == [0, 1, 0, 1]
+    assert [r["weight_version"] for r in records] == [0, 1, 1, 2]
+    assert student.loaded == {1: "weights after 2 steps", 2: "weights after 4 steps"}
+    assert loop.cursor == 8 and loop.trained_tokens == 4 * 6 and learner.saved["weight_version"] == 2

@@ -1,6 +1,6 @@
 """The run checks, before starting any actor, that the cluster can hold them all (pure logic)."""
 from orchestrator.config import load_config
-from orchestrator.run import missing_resources, needed_resources
+from orchestrator.launcher import missing_resources, needed_resources
 
 
 def test_needed_resources_count_every_replica_and_rank():

@@ -1,7 +1,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from trainer.scoring import exact_match, extract_answer, lcs_length, rouge_l, score_batch
+from orchestrator.scoring import exact_match, extract_answer, lcs_length, rouge_l, score_batch
 
 
 def reference_lcs(a, b):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.config import load_config
-from orchestrator.smollm2 import stage
+from build.smollm2 import stage
 
 
 def test_failed_stage_leaves_no_target_and_a_rerun_finishes(tmp_path):
@@ -31,5 +31,5 @@ def test_smollm2_config_loads_with_its_build():
     assert cfg.models.build_embedded == "smollm2" and cfg.policy.name == "adaswitch"
     assert cfg.models.teacher.endswith("artifacts/smollm2/teacher") and cfg.data.use_chat_template
     teacher_sft = load_config("deploy/configs/smollm2-teacher-sft.yaml")
-    assert teacher_sft.policy.name == "rationale" and teacher_sft.rationale.format == "answer_only"
+    assert teacher_sft.method == "sft" and teacher_sft.sft.format == "answer_only"
     assert teacher_sft.loss.kind == "cross_entropy"

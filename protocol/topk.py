@@ -1,4 +1,4 @@
-"""The array protocol that crosses between services, coordinator and learner.
+"""A model's top-k (ids, logprobs) at every position: what the services return per position.
 
 vLLM hands back one Python dict per generated or prompt position; those dicts are slow, so the
 services turn them into these arrays once, at their boundary, and nothing past it sees a dict.
@@ -56,6 +56,20 @@ class TopK:
         """Index the batch/position axes, e.g. ``topk[:, t]`` or ``topk[rows]``."""
         return TopK(self.ids[index], self.logprobs[index], self.token_logprob[index], self.mask[index])
 
+    def put(self, index, other: "TopK") -> None:
+        """Write ``other`` into the positions ``index`` selects (``self[index] = other``, all four arrays)."""
+        for name in ("ids", "logprobs", "token_logprob", "mask"):
+            getattr(self, name)[index] = getattr(other, name)
+
+    def fitted(self, width: int) -> "TopK":
+        """This [N, T, k] TopK cut or padded (with empty slots) to T = ``width``."""
+        have = self.ids.shape[1]
+        if have >= width:
+            return self[:, :width]
+        out = TopK.empty((self.ids.shape[0], width), self.k)
+        out.put((slice(None), slice(0, have)), self)
+        return out
+
 
 def topk_from_logprobs(logprobs: np.ndarray, tokens: np.ndarray, k: int) -> TopK:
     """Top-k of full-vocabulary log-probabilities [..., T, V] (the exact reference, tests, transformers).
@@ -72,39 +86,3 @@ def topk_from_logprobs(logprobs: np.ndarray, tokens: np.ndarray, k: int) -> TopK
     out.token_logprob[...] = np.take_along_axis(logprobs, tokens[..., None], axis=-1)[..., 0]
     out.mask[...] = True
     return out
-
-
-# Who wrote a response token: stored per token in MixedBatch.writer.
-STUDENT, TEACHER, REFERENCE = 0, 1, 2
-
-
-@dataclass
-class MixedBatch:
-    """A batch of finished rollouts: what the coordinator hands the learner.
-
-    Response token j of row b stands at ``tokens[b, prompt_lengths[b] + j]``; ``teacher[b, j]``
-    is the teacher's top-k for that position given everything before it (the learner's target),
-    whoever wrote the token.
-    """
-
-    tokens: np.ndarray  # int64 [B, L]: prompt + response, right-padded with PAD_ID
-    prompt_lengths: np.ndarray  # int64 [B]
-    response_lengths: np.ndarray  # int64 [B]
-    writer: np.ndarray  # int8 [B, R]: STUDENT, TEACHER or REFERENCE per response token
-    teacher: TopK  # [B, R, k]; teacher.mask marks real response tokens
-    policy_version: np.ndarray  # int64 [B]: the student weight version that rolled this row out
-    stats: dict[str, np.ndarray]  # per-row statistics ([B] arrays), e.g. teacher_fraction
-
-    @property
-    def response_mask(self) -> np.ndarray:
-        return self.teacher.mask
-
-    def __len__(self) -> int:
-        return self.tokens.shape[0]
-
-    def rows(self, index) -> "MixedBatch":
-        """A subset of rows (e.g. one learner rank's shard)."""
-        return MixedBatch(
-            self.tokens[index], self.prompt_lengths[index], self.response_lengths[index], self.writer[index],
-            self.teacher[index], self.policy_version[index], {k: v[index] for k, v in self.stats.items()},
-        )

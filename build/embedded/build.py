@@ -1,6 +1,6 @@
 """Build the embedded default: task data, tokenizer, teacher and warmed-up student.
 
-    python -m trainer.embedded.build --out artifacts/embedded --variant full|fast [--seed 0] [--force]
+    python -m build.embedded.build --out artifacts/embedded --variant full|fast [--seed 0] [--force]
 
 Layout of <out>/<variant>/: tokenizer/, data/{train,validation,test}.jsonl, teacher/, student/,
 build_report.json, manifest.json. The manifest (a hash of settings, seed and CODE_VERSION) is
@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from trainer.embedded import task
-from trainer.embedded.models import (ModelSize, SFTSettings, count_parameters, encode_examples,
-                                     greedy_generate, make_model, sft)
-from trainer.embedded.tokenizer import train_tokenizer, training_texts
-from trainer.scoring import score_batch
+from build.embedded import task
+from build.embedded.models import ModelSize, SFTSettings, count_parameters, encode_examples, make_model, sft
+from build.embedded.tokenizer import train_tokenizer, training_texts
+from orchestrator.scoring import score_batch
+from trainer.reference import greedy_generate
 
 # Bump when a change to the code changes what gets built, so cached builds are redone.
 CODE_VERSION = "embedded-3"

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.attribution import ScoreKind, attribution_scores
-from trainer.embedded.models import greedy_generate
-from trainer.rationale import STOPWORDS, content_token_spans, select_words, word_scores
-from trainer.text import encode_response
+from orchestrator.rationale.attribution import ScoreKind, attribution_scores
+from orchestrator.rationale.selection import STOPWORDS, content_token_spans, select_words, word_scores
+from orchestrator.text import encode_response
+from trainer.reference import greedy_generate
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,13 @@ class AttributionSettings:
     max_new_tokens: int = 256  # of the teacher's greedy answer
     extra_stopwords: tuple[str, ...] = ()
     use_chat_template: bool = True
+
+    @staticmethod
+    def of(sft, use_chat_template: bool) -> "AttributionSettings":
+        """The settings an ``sft`` config section (orchestrator.config.SftConfig) asks for."""
+        return AttributionSettings(target=sft.target, score=sft.score, word_merge=sft.word_merge,
+                                   top_words=sft.top_words, max_new_tokens=sft.max_new_tokens,
+                                   extra_stopwords=tuple(sft.extra_stopwords), use_chat_template=use_chat_template)
 
 
 class AttributionWorker:

@@ -1,0 +1,23 @@
+"""Writing a file so that a crash never leaves half of it: every writer of run state uses this."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file that is flushed, fsynced and renamed
+    into place, so a reader sees the old file or the new one, never a part of it."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # per process: two writers never share one
+    with open(temp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, path)
+    fd = os.open(path.parent, os.O_RDONLY)  # the rename itself reaches the disk
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
