@@ -7,6 +7,7 @@ dashboard in deploy/ reads.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import threading
@@ -68,7 +69,18 @@ def rollout_record(batch: MixedBatch, rollout_seconds: float) -> dict:
         "row_response_lengths": batch.response_lengths.tolist(),
         "row_teacher_fractions": np.round(s["teacher_fraction"], 4).tolist(),
         "row_first_switch": s["first_switch"].tolist(),
+        # Which tokens this step trained on, in 16 hex digits: two runs (or a run and its replay after
+        # a restart) trained the same batch exactly when their digests agree.
+        "rollout_digest": rollout_digest(batch),
     }
+
+
+def rollout_digest(batch: MixedBatch) -> str:
+    """A short hash of the batch's sequences, lengths and who-wrote-it mask."""
+    h = hashlib.sha256()
+    for array in (batch.tokens, batch.prompt_lengths, batch.response_lengths, batch.writer):
+        h.update(np.ascontiguousarray(array).astype(np.int64).tobytes())
+    return h.hexdigest()[:16]
 
 
 class RunMetrics:

@@ -182,14 +182,35 @@ def _push_history(history, history_len, d, kept):
     return new_history, np.minimum(history_len + kept.sum(1), window)
 
 
-def draw_from_topk(ids: np.ndarray, logprobs: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
+def draw_from_topk(ids: np.ndarray, logprobs: np.ndarray, temperature: float, seed: int, row_ids: np.ndarray,
+                   positions: np.ndarray) -> np.ndarray:
     """A token from each row's top-k ([N, k]) at ``temperature``; 0 means greedy (the top entry).
 
-    The coordinator draws every teacher token this way, in both strategies, so that they follow
-    the same distribution whichever way the rollout runs.
+    The coordinator draws every teacher hand-over token this way, in both strategies, so that they
+    follow the same distribution whichever way the rollout runs. The randomness of row i comes
+    from (seed, row_ids[i], positions[i]) alone, not from a stream consumed in the order calls
+    return, so a rerun draws the same tokens and lockstep and draft-verify draw the same token
+    at the same position.
     """
     if temperature == 0:
         return ids[..., 0]
-    gumbel = rng.gumbel(size=logprobs.shape)
+    gumbel = -np.log(-np.log(keyed_uniform(seed, row_ids, positions, ids.shape[-1])))
     scores = np.where(np.isfinite(logprobs), logprobs / temperature + gumbel, -np.inf)
     return np.take_along_axis(ids, scores.argmax(-1)[..., None], axis=-1)[..., 0]
+
+
+def keyed_uniform(seed: int, row_ids: np.ndarray, positions: np.ndarray, slots: int) -> np.ndarray:
+    """Uniform numbers in (0, 1), [N, slots], each a hash of (seed, row id, position, slot)
+    (SplitMix64's finaliser, chained over the four keys)."""
+    def mix(z):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+    golden = np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):  # the arithmetic is mod 2^64 on purpose
+        z = mix(np.full(len(row_ids), seed, dtype=np.uint64) + golden)
+        z = mix(z ^ (np.asarray(row_ids, dtype=np.int64).astype(np.uint64) + golden))
+        z = mix(z ^ (np.asarray(positions, dtype=np.int64).astype(np.uint64) + golden))
+        z = mix(z[:, None] ^ (np.arange(slots, dtype=np.uint64)[None, :] + golden))
+    return ((z >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53

@@ -12,7 +12,9 @@ draft-verify  whoever holds the pen drafts a run of tokens; the other model scor
 Both write into one RolloutBuffer with the same rule (orchestrator.policies.decide) on the same
 prefixes, so under greedy decoding they give identical tokens and who-wrote-it masks. Teacher
 tokens are drawn from the teacher's top-k at the teacher temperature in both: by
-``draw_from_topk`` for a single hand-over token, by vLLM's top-k sampling when the teacher drafts.
+``draw_from_topk`` for a single hand-over token (its randomness a hash of seed, row and position,
+so the order in which answers come back changes nothing), by vLLM's top-k sampling when the
+teacher drafts.
 
 In draft-verify sequences move independently: calls to the two services overlap, and rows that
 finished a hand-over draft again together as soon as half the live rows are ready (or nothing
@@ -77,7 +79,7 @@ def run_rollout(
     buf = RolloutBuffer.start(prompts, ro.cfg.max_new_tokens, ro.max_model_len, ro.cfg.top_k)
     _write_references(ro, buf, references, state)
     strategy = lockstep if ro.cfg.strategy == "lockstep" else draft_verify
-    strategy(ro, buf, state, rng, np.asarray(row_ids, dtype=np.int64), seed, policy_version)
+    strategy(ro, buf, state, np.asarray(row_ids, dtype=np.int64), seed, policy_version)
     ro.timings["rollout_seconds"] = time.perf_counter() - started
     return buf.to_batch(policy_version)
 
@@ -85,7 +87,7 @@ def run_rollout(
 # -- lockstep --------------------------------------------------------------------------------------
 
 
-def lockstep(ro: Rollout, buf: RolloutBuffer, state: PolicyState, rng, row_ids, seed, policy_version) -> None:
+def lockstep(ro: Rollout, buf: RolloutBuffer, state: PolicyState, row_ids, seed, policy_version) -> None:
     k = ro.cfg.top_k
     while (live := np.flatnonzero(~buf.done)).size:
         prefixes = buf.prefixes(live)
@@ -103,7 +105,8 @@ def lockstep(ro: Rollout, buf: RolloutBuffer, state: PolicyState, rng, row_ids, 
         rows_state = state.rows(live)
         d = decide(ro.policy, teacher.topk.ids[:, :1], teacher.topk.logprobs[:, :1], student.topk.ids[:, :1],
                    student.topk.logprobs[:, :1], positions[:, None], student.tokens[:, :1], rows_state)
-        teacher_tokens = draw_from_topk(teacher.topk.ids[:, 0], teacher.topk.logprobs[:, 0], ro.cfg.teacher_temperature, rng)
+        teacher_tokens = draw_from_topk(teacher.topk.ids[:, 0], teacher.topk.logprobs[:, 0], ro.cfg.teacher_temperature,
+                                        seed, row_ids[live], positions)
         tokens = np.where(d.writer[:, 0] == TEACHER, teacher_tokens, student.tokens[:, 0])[:, None]
         target = teacher.topk[:, :1]
         # The teacher was asked before the token existed: its logprob is known where it listed
@@ -127,7 +130,7 @@ class _Call:
     draft: object = None  # the draft's GenerateResult, for a verify
 
 
-def draft_verify(ro: Rollout, buf: RolloutBuffer, state: PolicyState, rng, row_ids, seed, policy_version) -> None:
+def draft_verify(ro: Rollout, buf: RolloutBuffer, state: PolicyState, row_ids, seed, policy_version) -> None:
     k = ro.cfg.top_k
     max_draft = ro.cfg.max_draft_tokens or int(buf.budget.max())
     adaptive = ro.cfg.first_draft_tokens is not None and hands_over_often(ro.policy)
@@ -188,7 +191,7 @@ def draft_verify(ro: Rollout, buf: RolloutBuffer, state: PolicyState, rng, row_i
                     continue
                 _accept_teacher_draft(ro, buf, call.rows, result)
             elif call.pen == STUDENT:
-                kept = _cut_student_draft(ro, buf, state, call.rows, call.draft, result.topk, rng)
+                kept = _cut_student_draft(ro, buf, state, call.rows, call.draft, result.topk, seed, row_ids[call.rows])
             else:
                 kept = _cut_teacher_draft(ro, buf, state, call.rows, call.draft, result.topk)
             if call.phase == "verify" and adaptive:
@@ -202,7 +205,7 @@ def next_draft_lengths(kept: np.ndarray, cap: int, shortest: int = 4) -> np.ndar
     return np.clip(2 * kept, min(shortest, cap), cap)
 
 
-def _cut_student_draft(ro, buf, state, rows, draft, teacher: TopK, rng) -> np.ndarray:
+def _cut_student_draft(ro, buf, state, rows, draft, teacher: TopK, seed: int, row_keys: np.ndarray) -> np.ndarray:
     """The student drafted, the teacher scored: keep up to the first hand-over, where the
     teacher writes a token drawn from its top-k. Returns the drafted tokens kept per row."""
     tokens, width = draft.tokens, draft.tokens.shape[1]
@@ -219,7 +222,7 @@ def _cut_student_draft(ro, buf, state, rows, draft, teacher: TopK, rng) -> np.nd
     idx = np.flatnonzero(has)
     if idx.size:
         p_ids, p_lp = teacher.ids[idx, at[idx]], teacher.logprobs[idx, at[idx]]
-        drawn = draw_from_topk(p_ids, p_lp, ro.cfg.teacher_temperature, rng)
+        drawn = draw_from_topk(p_ids, p_lp, ro.cfg.teacher_temperature, seed, row_keys[idx], buf.length[rows][idx] + at[idx])
         tokens = tokens.copy()
         tokens[idx, at[idx]] = drawn
         # The score gave the logprob of the student's token there; the teacher's own is listed.

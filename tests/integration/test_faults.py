@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save
 
 from processes import child_pids
 from orchestrator.launcher import start_service
+from orchestrator.metrics import step_records
 from services.pool import ServiceError, ServicePool
 
 REPO = Path(__file__).resolve().parents[2]
@@ -165,4 +166,17 @@ def test_run_survives_killed_teacher_student_and_learner_then_stops_and_resumes(
     assert all(r["optimizer_step"] == r["step"] for r in steps)
     # Synchronous loop: every batch, replayed ones too, trained the weights that rolled it out.
     assert all(r["policy_lag"] == 0 for r in steps), [r["policy_lag"] for r in steps]
+
+    # Whole-run equivalence: the same command straight through, in another directory. Whatever was
+    # killed, stopped, resumed and replayed above, every step trained the very same batch (tokens,
+    # lengths and who wrote each token: the rollout digest) to the same loss.
+    straight_dir = tmp_path / "straight"
+    straight = subprocess.run([*(arg for arg in command if not arg.startswith("output_dir=")), f"output_dir={straight_dir}"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+    faulted = {r["step"]: r for r in step_records(records)}
+    clean = {r["step"]: r for r in step_records(_records(straight_dir))}
+    assert sorted(clean) == sorted(faulted) == list(range(1, 9))
+    assert [faulted[s]["rollout_digest"] for s in clean] == [clean[s]["rollout_digest"] for s in clean]
+    assert [faulted[s]["loss"] for s in clean] == pytest.approx([clean[s]["loss"] for s in clean], rel=1e-6, abs=1e-9)
     assert (run_dir / "student" / "model.safetensors").exists()

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from services.model_service import RequestError, raise_errors
 from protocol.weights import pack_state
+from services.model_service import RequestError, raise_errors
 
 K = 20
 
@@ -17,34 +17,45 @@ def models(embedded_data):
     return {"dir": data["dir"], "eos": data["eos"], "prompts": prompts, "sequences": sequences}
 
 
-def _hf_logprobs(model_dir, sequence):
+def assert_topk_matches_transformers(topk, sequences, starts, model_dir):
+    """vLLM's top-k at positions ``starts[i]:`` of each sequence against transformers' full softmax of
+    the same model (fp32): logprobs and the token's logprob within 1e-4, ids wherever the ranking is
+    not a near-tie."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    with torch.no_grad():
-        logits = model(torch.tensor([sequence])).logits[0]
-    return torch.log_softmax(logits, -1).numpy()
-
-
-def test_scoring_matches_transformers_full_vocabulary(teacher_pool, models):
-    seqs, prompts = models["sequences"], models["prompts"]
-    starts = [len(p) for p in prompts]
-    result = teacher_pool.score(seqs, starts, K).result()
-    raise_errors(result)
-    for i in range(len(seqs)):
-        logp = _hf_logprobs(models["dir"] / "teacher", seqs[i])
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for i, (seq, start) in enumerate(zip(sequences, starts)):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([seq])).logits[0], -1).numpy()
         # Position j's distribution comes from the logits at j - 1.
-        rows = logp[starts[i] - 1 : len(seqs[i]) - 1]
+        rows = logp[start - 1 : len(seq) - 1]
         n = len(rows)
         top = np.argsort(-rows, -1, kind="stable")[:, :K]
-        np.testing.assert_allclose(result.topk.logprobs[i, :n], np.take_along_axis(rows, top, -1), atol=1e-4)
-        # Ids agree wherever the ranking is not a near-tie.
+        np.testing.assert_allclose(topk.logprobs[i, :n], np.take_along_axis(rows, top, -1), atol=1e-4)
         gaps = np.abs(np.diff(np.take_along_axis(rows, top, -1), axis=-1))
         clear = np.concatenate([gaps > 1e-4, np.ones((n, 1), bool)], -1) & np.concatenate([np.ones((n, 1), bool), gaps > 1e-4], -1)
-        assert (result.topk.ids[i, :n][clear] == top[clear]).all()
-        actual = np.asarray(seqs[i][starts[i]:])
-        np.testing.assert_allclose(result.topk.token_logprob[i, :n], rows[np.arange(n), actual], atol=1e-4)
-        assert result.topk.mask[i, :n].all() and not result.topk.mask[i, n:].any()
+        assert (topk.ids[i, :n][clear] == top[clear]).all()
+        actual = np.asarray(seq[start:])
+        np.testing.assert_allclose(topk.token_logprob[i, :n], rows[np.arange(n), actual], atol=1e-4)
+        assert topk.mask[i, :n].all() and not topk.mask[i, n:].any()
+
+
+@pytest.mark.parametrize("path", ["score", "generate"])
+@pytest.mark.parametrize("role", ["teacher", "student"])
+def test_topk_matches_transformers_full_vocabulary(teacher_pool, student_pool, models, role, path):
+    """Both engines, both paths: the student's top-k is what SWITCH and AdaSwitch decide on, the
+    generate path is what every draft returns."""
+    pool = teacher_pool if role == "teacher" else student_pool
+    prompts = models["prompts"]
+    if path == "score":
+        sequences, starts = models["sequences"], [len(p) for p in prompts]
+        result = pool.score(sequences, starts, K).result()
+    else:  # sampled (seeded), so the checked positions are not only the model's own argmax
+        result = pool.generate(prompts, 24, K, temperature=1.0, seeds=list(range(len(prompts)))).result()
+        sequences = [p + result.tokens[i, : result.lengths[i]].tolist() for i, p in enumerate(prompts)]
+        starts = [len(p) for p in prompts]
+    raise_errors(result)
+    assert_topk_matches_transformers(result.topk, sequences, starts, models["dir"] / role)
 
 
 def test_generation_returns_k_entries_and_is_deterministic_when_greedy(student_pool, models):

@@ -1,5 +1,7 @@
 """Learner -> student vLLM service: after a push, vLLM's greedy output is transformers' greedy
-output from the learner's current weights, and the service reports the pushed version.
+output from the learner's current weights, every scored token's logprob matches transformers'
+within 1e-4 (fp32), and the service reports the pushed version. A negative control pushes the
+same weights with one tensor left at its old value: the logprob check must then fail.
 
 The service starts from the learner's exported HF directory, so this also checks that vLLM
 loads what ``export_hf`` writes. Tied and untied embeddings both: vLLM needs ``lm_head.weight``
@@ -15,6 +17,7 @@ import torch
 from learner_helpers import make_batch, model_with, tiny_causal_lm, tiny_llama
 
 from orchestrator.launcher import start_learner, start_service
+from protocol.weights import pack_state
 from services.config import EngineConfig
 from trainer.config import LearnerConfig, LossConfig
 
@@ -34,6 +37,25 @@ def hf_greedy(model, prefixes: list[list[int]]) -> list[list[int]]:
     return out
 
 
+def hf_token_logprobs(model, sequences: list[list[int]], start: int) -> np.ndarray:
+    """transformers' logprob of each token from position ``start`` on, all sequences concatenated."""
+    out = []
+    for seq in sequences:  # a reference: one sequence at a time
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([seq])).logits[0].double(), -1)
+        out.append(logprobs[start - 1: len(seq) - 1].gather(1, torch.tensor(seq[start:])[:, None])[:, 0].numpy())
+    return np.concatenate(out)
+
+
+def vllm_token_logprobs(pool, sequences: list[list[int]], start: int) -> np.ndarray:
+    scored = pool.score(sequences, [start] * len(sequences), 5).result()
+    return scored.topk.token_logprob[scored.topk.mask].astype(np.float64)
+
+
+# fp32 on both sides; vLLM's CPU kernels sum in another order than transformers' eager ones.
+LOGPROB_ATOL = 1e-4
+
+
 def vllm_greedy(pool, prefixes) -> tuple[list[list[int]], int]:
     result = pool.generate(prefixes, MAX_NEW_TOKENS, 5, temperature=0.0).result()
     return [row[:n].tolist() for row, n in zip(result.tokens, result.lengths)], result.version
@@ -50,6 +72,7 @@ def test_push_makes_vllm_generate_like_the_learner(ray_cluster, tmp_path, arch, 
     data = [make_batch(teacher, 300 + i, [3, 2, 5, 4], [6, 8, 4, 7]) for i in range(3)]
     rng = np.random.default_rng(7)
     prefixes = [rng.integers(2, 64, n).tolist() for n in (3, 4, 5, 6)]
+    scored = [rng.integers(2, 64, 24).tolist() for _ in range(4)]  # logprobs of positions 2..23
 
     cfg = LearnerConfig(world_size=2, zero_stage=3, optimizer="adam", lr=5e-2)
     group = start_learner(str(student_dir), cfg, LossConfig(kind="forward_kl"))
@@ -57,11 +80,12 @@ def test_push_makes_vllm_generate_like_the_learner(ray_cluster, tmp_path, arch, 
     try:
         group.train_step(data[0])
         exported = group.export_hf(str(tmp_path / "export"))
+        initial = group.export_state()  # the weights the service starts from (the export)
         pool = start_service("student", exported, EngineConfig(gpu_memory_utilization=0.1, enforce_eager=True,
                                                                max_logprobs=20), eos_token_id=EOS)
         before, version = vllm_greedy(pool, prefixes)
         assert version == 0
-        assert before == hf_greedy(model_with(group.export_state(), exported), prefixes)  # vLLM loads the export
+        assert before == hf_greedy(model_with(initial, exported), prefixes)  # vLLM loads the export
 
         for batch in data[1:]:
             group.train_step(batch)
@@ -74,6 +98,17 @@ def test_push_makes_vllm_generate_like_the_learner(ray_cluster, tmp_path, arch, 
         assert after == expected
         assert version == 1 and pool.versions() == [1]
         assert timing["bytes"] > 0 and min(timing["gather_s"], timing["pack_s"]) > 0
+        state = group.export_state()
+        expected_logprobs = hf_token_logprobs(model_with(state, exported), scored, 2)
+        pushed = vllm_token_logprobs(pool, scored, 2)
+        np.testing.assert_allclose(pushed, expected_logprobs, rtol=0, atol=LOGPROB_ATOL)
+
+        # Negative control: one tensor of a middle layer left at its value before the steps.
+        stale_name = next(n for n in state if ("layers.1." in n or ".h.1." in n) and "mlp" in n and n.endswith("weight"))
+        assert not torch.equal(initial[stale_name], state[stale_name])
+        pool.load_weights(pack_state({**state, stale_name: initial[stale_name]}), version=2)
+        stale = vllm_token_logprobs(pool, scored, 2)
+        assert np.abs(stale - expected_logprobs).max() > 10 * LOGPROB_ATOL, f"{stale_name} left stale went unseen"
     finally:
         group.shutdown()
         if pool is not None:

@@ -14,6 +14,7 @@ from orchestrator.policies import (
     decide,
     draw_from_topk,
     init_state,
+    keyed_uniform,
 )
 
 POLICIES = ["on_policy", "teacher", "ground_truth", "mixed", "skd", "switch", "adaswitch"]
@@ -146,19 +147,38 @@ def test_advance_keeps_only_the_kept_prefix_in_adaswitch_history():
 
 
 def test_draw_from_topk_greedy_and_sampling_frequencies():
-    rng = np.random.default_rng(0)
     ids = np.array([[7, 3, 9, 0]])
     logprobs = np.array([[np.log(0.5), np.log(0.3), np.log(0.2), -np.inf]])  # the last slot is empty
-    assert draw_from_topk(ids, logprobs, 0.0, rng).tolist() == [7]
+    assert draw_from_topk(ids, logprobs, 0.0, 0, np.array([0]), np.array([0])).tolist() == [7]
     n = 40_000
-    draws = draw_from_topk(np.repeat(ids, n, 0), np.repeat(logprobs, n, 0), 1.0, rng)
+    rows, positions = np.arange(n), np.zeros(n, dtype=np.int64)  # 40k different rows at one position
+    draws = draw_from_topk(np.repeat(ids, n, 0), np.repeat(logprobs, n, 0), 1.0, 0, rows, positions)
     assert 0 not in draws
     freq = np.array([(draws == i).mean() for i in (7, 3, 9)])
     np.testing.assert_allclose(freq, [0.5, 0.3, 0.2], atol=0.012)  # > 5 sigma at n = 40k
     # Temperature 0.5 squares and renormalises the top-k probabilities.
-    draws = draw_from_topk(np.repeat(ids, n, 0), np.repeat(logprobs, n, 0), 0.5, rng)
+    draws = draw_from_topk(np.repeat(ids, n, 0), np.repeat(logprobs, n, 0), 0.5, 1, rows, positions)
     want = np.array([0.25, 0.09, 0.04]) / 0.38
     np.testing.assert_allclose([(draws == i).mean() for i in (7, 3, 9)], want, atol=0.012)
+    # One row along 40k positions too (the draws are a hash of seed, row, position and slot).
+    draws = draw_from_topk(np.repeat(ids, n, 0), np.repeat(logprobs, n, 0), 1.0, 2, np.zeros(n, np.int64), rows)
+    np.testing.assert_allclose([(draws == i).mean() for i in (7, 3, 9)], [0.5, 0.3, 0.2], atol=0.012)
+
+
+def test_teacher_draws_depend_on_row_and_position_not_on_call_order():
+    ids = np.tile(np.arange(6), (50, 1))
+    logprobs = np.log(np.full((50, 6), 1 / 6))
+    rows, positions = np.arange(50) * 7 + 3, np.arange(50) % 11
+    together = draw_from_topk(ids, logprobs, 1.0, 5, rows, positions)
+    order = np.random.default_rng(0).permutation(50)
+    shuffled = draw_from_topk(ids[order], logprobs[order], 1.0, 5, rows[order], positions[order])
+    np.testing.assert_array_equal(shuffled, together[order])  # the same token for each (row, position)
+    one_at_a_time = [draw_from_topk(ids[i:i + 1], logprobs[i:i + 1], 1.0, 5, rows[i:i + 1], positions[i:i + 1])[0]
+                     for i in range(50)]
+    np.testing.assert_array_equal(one_at_a_time, together)
+    assert not np.array_equal(draw_from_topk(ids, logprobs, 1.0, 6, rows, positions), together)  # the seed matters
+    u = keyed_uniform(5, rows, positions, 6)
+    assert u.shape == (50, 6) and (u > 0).all() and (u < 1).all() and len(np.unique(u)) == u.size
 
 
 @pytest.mark.parametrize("name", POLICIES)

@@ -159,3 +159,15 @@ def test_training_loop_owns_the_weight_version_and_measures_policy_lag(tmp_path)
     assert [r["weight_version"] for r in records] == [0, 1, 1, 2]
     assert student.loaded == {1: "weights after 2 steps", 2: "weights after 4 steps"}
     assert loop.cursor == 8 and loop.trained_tokens == 4 * 6 and learner.saved["weight_version"] == 2
+
+
+def test_rollout_digest_names_the_batch():
+    from orchestrator.metrics import rollout_digest
+
+    batch, same = _batch_for_metrics(), _batch_for_metrics()
+    assert rollout_digest(batch) == rollout_digest(same) == rollout_record(batch, 1.0)["rollout_digest"]
+    same.tokens[1, 3] = 5  # one token differs
+    assert rollout_digest(batch) != rollout_digest(same)
+    other_writer = _batch_for_metrics()
+    other_writer.writer[0, 0] = 1  # the same tokens, another writer
+    assert rollout_digest(batch) != rollout_digest(other_writer)
