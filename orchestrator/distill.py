@@ -8,7 +8,6 @@ learner or a resumed run trains on the very same tokens.
 """
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from orchestrator.launcher import check_cluster_fits, connect_ray, start_learner
 from orchestrator.metrics import RunMetrics
 from orchestrator.rollout import Rollout, run_rollout
 from orchestrator.rollout_store import load_rollout, save_rollout
-from orchestrator.steps import EvalSet, TrainingLoop, prepare_inputs
+from orchestrator.steps import EvalSet, TrainingLoop, engine_pids, fresh_kept_weights, prepare_inputs
 from orchestrator.stop import StopRequested
 
 
@@ -35,13 +34,9 @@ def distill(cfg: RunConfig, services: tuple | None = None) -> Path:
     if services is not None:
         (teacher, student), pools = services, []  # the caller's: not ended here
     else:
-        # Kept weights let a restarted student replica come back at the latest version within this
-        # job; a new job's services start from the base weights and get the checkpoint's pushed.
-        kept_weights = run_dir / "service_weights"
-        shutil.rmtree(kept_weights, ignore_errors=True)
         teacher = start_service("teacher", cfg.models.teacher, cfg.services.teacher, eos, cfg.seed, wait=False)
         student = start_service("student", cfg.models.student, cfg.services.student, eos, cfg.seed,
-                                str(kept_weights), wait=False)
+                                fresh_kept_weights(run_dir), wait=False)
         pools = [teacher, student]
     learner = start_learner(cfg.models.student, cfg.learner, cfg.loss, cfg.schedule.steps)
     for pool in pools:
@@ -51,7 +46,7 @@ def distill(cfg: RunConfig, services: tuple | None = None) -> Path:
     rollout = Rollout(cfg.policy, cfg.rollout, teacher, student, eos, max_model_len)
     metrics = RunMetrics(run_dir, cfg.policy.name)
     metrics.event("started", {"policy": cfg.policy.name, "strategy": cfg.rollout.strategy,
-                              "pids": {info["name"]: info["pid"] for pool in pools for info in pool.infos}})
+                              "pids": engine_pids(pools)})
     loop = TrainingLoop(cfg, run_dir, metrics, learner, student, EvalSet(held_out, tokenizer, max_model_len),
                         pools, teacher=teacher, started=started)
     loop.restore(reused_student=services is not None)

@@ -111,8 +111,7 @@ def lockstep(ro: Rollout, buf: RolloutBuffer, state: PolicyState, row_ids, seed,
         target = teacher.topk[:, :1]
         # The teacher was asked before the token existed: its logprob is known where it listed
         # the token (NaN elsewhere; no loss reads it, draft-verify's scoring pass gives it exactly).
-        listed = target.ids[:, 0] == tokens
-        target.token_logprob[:, 0] = np.where(listed.any(1), np.where(listed, target.logprobs[:, 0], -np.inf).max(1), np.nan)
+        target.token_logprob[:, 0] = _listed_logprob(target.ids[:, 0], target.logprobs[:, 0], tokens[:, 0])
         ones = np.ones(live.size, dtype=np.int64)
         buf.write(live, tokens, ones, d.writer, target, d.divergence, ro.eos_token_id)
         state.set_rows(live, advance(ro.policy, rows_state, d, np.ones((live.size, 1), bool)))
@@ -226,7 +225,7 @@ def _cut_student_draft(ro, buf, state, rows, draft, teacher: TopK, seed: int, ro
         tokens = tokens.copy()
         tokens[idx, at[idx]] = drawn
         # The score gave the logprob of the student's token there; the teacher's own is listed.
-        teacher.token_logprob[idx, at[idx]] = np.where(p_ids == drawn[:, None], p_lp, -np.inf).max(1)
+        teacher.token_logprob[idx, at[idx]] = _listed_logprob(p_ids, p_lp, drawn)
     writer = np.where(has[:, None] & (np.arange(width)[None, :] == at[:, None]), TEACHER, STUDENT).astype(np.int8)
     buf.write(rows, tokens, count, writer, teacher, d.divergence, ro.eos_token_id)
     kept = np.arange(width)[None, :] < count[:, None]
@@ -297,6 +296,12 @@ def _check_version(student_result, policy_version: int) -> None:
             f"the student service answered with weight version {student_result.version}, "
             f"but this rollout is for version {policy_version}"
         )
+
+
+def _listed_logprob(ids: np.ndarray, logprobs: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Each row's logprob of ``tokens[i]`` from its top-k list ([N, k]); NaN where it is not listed."""
+    listed = ids == tokens[:, None]
+    return np.where(listed.any(1), np.where(listed, logprobs, -np.inf).max(1), np.nan)
 
 
 def _seeds(seed: int, row_ids: np.ndarray, positions: np.ndarray) -> list[int]:

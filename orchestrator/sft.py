@@ -9,7 +9,6 @@ teacher copies in Ray actors, cached next to the data). The student service only
 """
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from orchestrator.config import RunConfig
 from orchestrator.launcher import check_cluster_fits, connect_ray, start_learner, start_service
 from orchestrator.metrics import RunMetrics
 from orchestrator.rationale.data import prepare
-from orchestrator.steps import EvalSet, TrainingLoop, prepare_inputs
+from orchestrator.steps import EvalSet, TrainingLoop, engine_pids, fresh_kept_weights, prepare_inputs
 
 
 def sft(cfg: RunConfig, student=None) -> Path:
@@ -35,16 +34,14 @@ def sft(cfg: RunConfig, student=None) -> Path:
 
     reused_student, pools = student is not None, []
     if student is None:
-        kept_weights = run_dir / "service_weights"  # this job's pushes only (see orchestrator/distill.py)
-        shutil.rmtree(kept_weights, ignore_errors=True)
         student = start_service("student", cfg.models.student, cfg.services.student, tokenizer.eos_token_id,
-                                cfg.seed, str(kept_weights), wait=False)
+                                cfg.seed, fresh_kept_weights(run_dir), wait=False)
         pools = [student]
     learner = start_learner(cfg.models.student, cfg.learner, cfg.loss, cfg.schedule.steps)
     for pool in pools:
         pool.wait_ready()
     metrics.event("started", {"method": "sft", "format": cfg.sft.format,
-                              "pids": {info["name"]: info["pid"] for pool in pools for info in pool.infos}})
+                              "pids": engine_pids(pools)})
     eval_set = EvalSet(held_out, tokenizer, cfg.services.student.max_model_len, postprocess)
     loop = TrainingLoop(cfg, run_dir, metrics, learner, student, eval_set, pools, started=started)
     loop.restore(reused_student)

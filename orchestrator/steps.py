@@ -85,6 +85,20 @@ def start_afresh(run_dir: Path) -> None:
         print(f"resume=false: removed the earlier run's {', '.join(removed)} from {run_dir}")
 
 
+def fresh_kept_weights(run_dir: Path) -> str:
+    """Where the student replicas keep their latest pushed weights, emptied first. Kept weights let
+    a restarted replica come back at the latest version within this job; a new job's services
+    start from the base weights and get the checkpoint's pushed."""
+    kept = run_dir / "service_weights"
+    shutil.rmtree(kept, ignore_errors=True)
+    return str(kept)
+
+
+def engine_pids(pools: list) -> dict[str, int]:
+    """Each started replica's process id by name (the run's "started" event; fault tests use it)."""
+    return {info["name"]: info["pid"] for pool in pools for info in pool.infos}
+
+
 def batch_rows(n_examples: int, cursor: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Example indices for the next ``size`` samples from ``cursor``: a fresh seeded permutation
     of the split every epoch. Returns (indices, global sample ids)."""
@@ -160,8 +174,8 @@ class TrainingLoop:
                 self.push(state["weight_version"], self.step)
             self.metrics.event("resumed", {"step": self.step, "weight_version": self.version})
             print(f"resumed from step {self.step} (weight version {self.version})")
-        elif reused_student and max(self.student.versions()) > 0:
-            self.push(max(self.student.versions()) + 1, 0)
+        elif reused_student and (served := max(self.student.versions())) > 0:
+            self.push(served + 1, 0)
         self.progress = _progress(self.cfg.schedule.steps, self.step)
 
     def _tokens_trained_up_to(self, step: int) -> int:

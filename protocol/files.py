@@ -15,9 +15,14 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
         f.flush()
         os.fsync(f.fileno())
     os.replace(temp, path)
-    fd = os.open(path.parent, os.O_RDONLY)  # the rename itself reaches the disk
+    fsync_dir(path.parent)  # the rename itself reaches the disk
+    return path
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a directory's entries (renames, new files) to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return path

@@ -22,7 +22,7 @@ import re
 import shutil
 from pathlib import Path
 
-from protocol.files import write_atomic
+from protocol.files import fsync_dir, write_atomic
 
 RUN_STATE_FILE = "run_state.json"
 LATEST_FILE = "latest"
@@ -47,15 +47,7 @@ def fsync_tree(path: Path) -> None:
         for name in files:
             with open(os.path.join(root, name), "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(Path(root))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(root)
 
 
 def commit(run_dir: str | Path, step: int, run_state: dict, keep: int = 2) -> Path:
@@ -85,7 +77,7 @@ def commit(run_dir: str | Path, step: int, run_state: dict, keep: int = 2) -> Pa
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staged, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     write_atomic(final.parent / LATEST_FILE, step_tag(step))
     prune(run_dir, keep)
     return final

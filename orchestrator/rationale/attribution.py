@@ -61,6 +61,6 @@ def attribution_scores(model, prompts: list[list[int]], targets: list[list[int]]
     elif score == "grad_x_input":
         per_token = (grad * embeds.detach()).sum(-1).abs()
     else:
-        raise ValueError(f"rationale.score: unknown score {score!r} (grad_l1, grad_l2, grad_x_input)")
+        raise ValueError(f"sft.score: unknown score {score!r} (grad_l1, grad_l2, grad_x_input)")
     per_token = per_token.float().numpy()
     return [per_token[b, : int(p)] for b, p in enumerate(prompt_lengths)]

@@ -18,7 +18,7 @@ RATIONALE_INSTRUCTION = "List the important words of this question."
 # Letters and digits; punctuation never forms a word, so it is dropped with everything unmatched.
 WORD = re.compile(r"[A-Za-z0-9]+(?:'[A-Za-z]+)?")
 
-# A short English list (NLTK's core words); rationale.extra_stopwords adds task-specific ones.
+# A short English list (NLTK's core words); sft.extra_stopwords adds task-specific ones.
 STOPWORDS = frozenset("""
 a about above after again against all am an and any are as at be because been before being below
 between both but by can could did do does doing down during each few for from further had has have
@@ -71,7 +71,7 @@ def word_scores(content: str, spans: np.ndarray, token_scores: np.ndarray, merge
     elif merge == "sum":
         merged = np.where(covers, token_scores[:, None], 0.0).sum(axis=0)
     else:
-        raise ValueError(f"rationale.word_merge: unknown rule {merge!r} (max, sum)")
+        raise ValueError(f"sft.word_merge: unknown rule {merge!r} (max, sum)")
     merged = np.where(covers.any(axis=0), merged, np.nan)
     return [(f[0], f[1]) for f in found], merged
 

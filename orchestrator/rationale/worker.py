@@ -69,7 +69,7 @@ class AttributionWorker:
         elif self.settings.target == "reference":
             targets = [r["reference"] for r in rows]
         else:
-            raise ValueError(f"rationale.target: unknown target {self.settings.target!r} (teacher_greedy, reference)")
+            raise ValueError(f"sft.target: unknown target {self.settings.target!r} (teacher_greedy, reference)")
         generated = time.perf_counter()
         target_ids = [encode_response(self.tokenizer, t)[: self.settings.max_new_tokens + 1] for t in targets]
         out = []
