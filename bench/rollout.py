@@ -95,7 +95,7 @@ def main() -> None:
             cfg_run = load_config(args.config, [*args.overrides, f"policy.name={policy}", *extra,
                                                 f"rollout.strategy={strategy}",
                                                 f"rollout.max_new_tokens={args.new_tokens}"])
-            ro = Rollout(cfg_run.policy, cfg_run.rollout, teacher, student, eos, max_model_len)
+            ro = Rollout(cfg_run.policy, cfg_run.rollout, teacher, student, eos, max_model_len, teacher.vocab_size)
             repeats = 1 if strategy == "lockstep" else args.repeats  # lockstep is the slow reference
             runs = [timed(lambda: run_rollout(ro, prompts, None, rows, cfg.seed, 0)) for _ in range(repeats)]
             results[strategy] = min(runs, key=lambda r: r[1])

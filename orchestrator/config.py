@@ -128,6 +128,13 @@ class RolloutConfig:
     first_draft_tokens: int | None = 16
     student_temperature: float = 1.0  # 0 = greedy
     teacher_temperature: float = 1.0
+    # What SWITCH and AdaSwitch decide on. "topk": divergences estimated from both models' top
+    # `divergence_k` lists (their union plus one shared tail bucket, orchestrator/divergence.py);
+    # the learner still gets the teacher's top `top_k`. "exact": both services return the whole
+    # vocabulary at every position, so the rule is the papers' own; costly on a large vocabulary.
+    # README ("Deciding on a real vocabulary") gives each one's fidelity and cost on SmolLM2.
+    divergence: Literal["topk", "exact"] = "topk"
+    divergence_k: int | None = None  # None: top_k
 
     def __post_init__(self) -> None:
         for name in ("top_k", "prompts_per_step", "max_new_tokens"):
@@ -137,6 +144,8 @@ class RolloutConfig:
             raise ValueError(f"max_draft_tokens: must be >= 1 or null, got {self.max_draft_tokens}")
         if self.first_draft_tokens is not None and self.first_draft_tokens < 1:
             raise ValueError(f"first_draft_tokens: must be >= 1 or null, got {self.first_draft_tokens}")
+        if self.divergence_k is not None and self.divergence_k < 1:
+            raise ValueError(f"divergence_k: must be >= 1 or null, got {self.divergence_k}")
         if self.student_temperature < 0 or self.teacher_temperature < 0:
             raise ValueError("student_temperature / teacher_temperature: must be >= 0")
 
@@ -259,7 +268,10 @@ class RunConfig:
             self._resolve_paths(Path(self.base_dir))
         # vLLM refuses a request for more logprobs than the engine was started with.
         for engine in (self.services.teacher, self.services.student):
-            engine.max_logprobs = max(engine.max_logprobs, self.rollout.top_k)
+            if self.rollout.divergence == "exact":
+                engine.max_logprobs = -1  # vLLM: the whole vocabulary
+            elif engine.max_logprobs != -1:
+                engine.max_logprobs = max(engine.max_logprobs, self.rollout.top_k, self.rollout.divergence_k or 0)
 
     def _resolve_paths(self, base: Path) -> None:
         def local(path: str) -> str:

@@ -43,7 +43,7 @@ def distill(cfg: RunConfig, services: tuple | None = None) -> Path:
         pool.wait_ready()
 
     max_model_len = min(cfg.services.teacher.max_model_len, cfg.services.student.max_model_len)
-    rollout = Rollout(cfg.policy, cfg.rollout, teacher, student, eos, max_model_len)
+    rollout = Rollout(cfg.policy, cfg.rollout, teacher, student, eos, max_model_len, teacher.vocab_size)
     metrics = RunMetrics(run_dir, cfg.policy.name)
     metrics.event("started", {"policy": cfg.policy.name, "strategy": cfg.rollout.strategy,
                               "pids": engine_pids(pools)})

@@ -56,7 +56,20 @@ class Rollout:
     student: object
     eos_token_id: int
     max_model_len: int
+    vocab_size: int | None = None  # needed by rollout.divergence=exact
     timings: dict = field(default_factory=dict)
+
+
+def exchange_k(ro: Rollout) -> int:
+    """How many entries of each model's top-k the services return per position: the learner's
+    top_k, or more where SWITCH or AdaSwitch decide on divergences (rollout.divergence[_k])."""
+    if ro.policy.name not in ("switch", "adaswitch"):
+        return ro.cfg.top_k
+    if ro.cfg.divergence == "exact":
+        if ro.vocab_size is None:
+            raise ValueError("rollout.divergence=exact needs the vocabulary size (Rollout.vocab_size)")
+        return ro.vocab_size
+    return max(ro.cfg.top_k, ro.cfg.divergence_k or ro.cfg.top_k)
 
 
 def run_rollout(
@@ -88,7 +101,7 @@ def run_rollout(
 
 
 def lockstep(ro: Rollout, buf: RolloutBuffer, state: PolicyState, row_ids, seed, policy_version) -> None:
-    k = ro.cfg.top_k
+    k = exchange_k(ro)
     while (live := np.flatnonzero(~buf.done)).size:
         prefixes = buf.prefixes(live)
         positions = buf.length[live]
@@ -105,8 +118,9 @@ def lockstep(ro: Rollout, buf: RolloutBuffer, state: PolicyState, row_ids, seed,
         rows_state = state.rows(live)
         d = decide(ro.policy, teacher.topk.ids[:, :1], teacher.topk.logprobs[:, :1], student.topk.ids[:, :1],
                    student.topk.logprobs[:, :1], positions[:, None], student.tokens[:, :1], rows_state)
-        teacher_tokens = draw_from_topk(teacher.topk.ids[:, 0], teacher.topk.logprobs[:, 0], ro.cfg.teacher_temperature,
-                                        seed, row_ids[live], positions)
+        drawn_from = teacher.topk[:, 0].first(ro.cfg.top_k)
+        teacher_tokens = draw_from_topk(drawn_from.ids, drawn_from.logprobs, ro.cfg.teacher_temperature, seed,
+                                        row_ids[live], positions)
         tokens = np.where(d.writer[:, 0] == TEACHER, teacher_tokens, student.tokens[:, 0])[:, None]
         target = teacher.topk[:, :1]
         # The teacher was asked before the token existed: its logprob is known where it listed
@@ -130,7 +144,7 @@ class _Call:
 
 
 def draft_verify(ro: Rollout, buf: RolloutBuffer, state: PolicyState, row_ids, seed, policy_version) -> None:
-    k = ro.cfg.top_k
+    k = exchange_k(ro)
     max_draft = ro.cfg.max_draft_tokens or int(buf.budget.max())
     adaptive = ro.cfg.first_draft_tokens is not None and hands_over_often(ro.policy)
     draft_length = np.full(len(buf.done), min(ro.cfg.first_draft_tokens, max_draft) if adaptive else max_draft)
@@ -153,7 +167,7 @@ def draft_verify(ro: Rollout, buf: RolloutBuffer, state: PolicyState, row_ids, s
             else:
                 # The teacher samples from its top-k, as draw_from_topk does.
                 pending = ro.teacher.generate(buf.prefixes(group), budgets, k, ro.cfg.teacher_temperature,
-                                              top_k=k, seeds=_seeds(seed + 1, row_ids[group], buf.length[group]), keys=keys)
+                                              top_k=ro.cfg.top_k, seeds=_seeds(seed + 1, row_ids[group], buf.length[group]), keys=keys)
                 buf.teacher_calls[group] += 1
             calls.append(_Call(pending, "draft", pen, group))
 
@@ -221,7 +235,9 @@ def _cut_student_draft(ro, buf, state, rows, draft, teacher: TopK, seed: int, ro
     idx = np.flatnonzero(has)
     if idx.size:
         p_ids, p_lp = teacher.ids[idx, at[idx]], teacher.logprobs[idx, at[idx]]
-        drawn = draw_from_topk(p_ids, p_lp, ro.cfg.teacher_temperature, seed, row_keys[idx], buf.length[rows][idx] + at[idx])
+        top = ro.cfg.top_k
+        drawn = draw_from_topk(p_ids[:, :top], p_lp[:, :top], ro.cfg.teacher_temperature, seed, row_keys[idx],
+                               buf.length[rows][idx] + at[idx])
         tokens = tokens.copy()
         tokens[idx, at[idx]] = drawn
         # The score gave the logprob of the student's token there; the teacher's own is listed.

@@ -81,7 +81,8 @@ class RolloutBuffer:
         row, col = rows[r], self.length[rows][r] + j
         self.response[row, col] = tokens[r, j]
         self.writer[row, col] = writer[r, j]
-        self.teacher.put((row, col), teacher[r, j])
+        # The services may list more than the learner's k (wider lists for the switching rule).
+        self.teacher.put((row, col), teacher[r, j].first(self.teacher.k))
         self.teacher.mask[row, col] = True
         self.divergence[row, col] = divergence[r, j]
         wrote_eos = (take & (tokens == eos_token_id)).any(1)

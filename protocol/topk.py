@@ -61,6 +61,10 @@ class TopK:
         for name in ("ids", "logprobs", "token_logprob", "mask"):
             getattr(self, name)[index] = getattr(other, name)
 
+    def first(self, k: int) -> "TopK":
+        """The top ``k`` entries of each list (lists are sorted: the first k are the k largest)."""
+        return TopK(self.ids[..., :k], self.logprobs[..., :k], self.token_logprob, self.mask)
+
     def fitted(self, width: int) -> "TopK":
         """This [N, T, k] TopK cut or padded (with empty slots) to T = ``width``."""
         have = self.ids.shape[1]

@@ -9,7 +9,8 @@ from typing import Literal
 class EngineConfig:
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     max_model_len: int = 512
-    # Raised to the rollout's top_k at start when lower (vLLM refuses k above it).
+    # Raised to the rollout's top_k (and divergence_k) at start when lower (vLLM refuses k above
+    # it); -1: the whole vocabulary (rollout.divergence=exact sets it).
     max_logprobs: int = 20
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
@@ -37,7 +38,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_logprobs", "tensor_parallel_size", "replicas", "cpu_kv_cache_gb"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) < 1 and not (name == "max_logprobs" and self.max_logprobs == -1):
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")

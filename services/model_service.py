@@ -213,7 +213,7 @@ class ModelService:
         ids = np.asarray(tokens)
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             return f"token ids must be in [0, {self.vocab_size}), got {ids.min()}..{ids.max()}"
-        if k > self.max_logprobs:
+        if k > self.max_logprobs != -1:  # -1: vLLM serves the whole vocabulary
             return f"k={k} is above this engine's max_logprobs={self.max_logprobs}"
         return None
 

