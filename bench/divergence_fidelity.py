@@ -124,8 +124,23 @@ def open_loop(runs: dict, rules: dict, estimators: dict) -> dict:
         row["kl_mean_abs_error"], row["kl_p99_abs_error"] = float(kl_err.mean()), float(np.percentile(kl_err, 99))
         row["adaswitch_position_agreement"] = float(np.concatenate(ada_agree).mean())
         row["adaswitch_first_switch_agreement"] = float(np.mean(ada_first))
+        row.update(skd_agreement(runs["skd"], rules["skd"], int(name.split("@")[1])))
         out[name] = row
     return out
+
+
+def skd_agreement(run, rule: Rule, k: int) -> dict:
+    """SKD keeps the student's token iff the teacher lists it in its top-K; from a top-k list
+    that is min(k, K) entries (switchkd refuses skd.top_k > top_k, so this is the k < K case)."""
+    agree, first = [], []
+    for logp, logq in zip(run.teacher_logprobs, run.student_logprobs):
+        token = logq.argmax(-1)[:, None]
+        rank = (logp > np.take_along_axis(logp, token, -1)).sum(-1)  # the teacher's rank of the student's token
+        exact, listed = rank < rule.skd_top_k, rank < min(k, rule.skd_top_k)
+        agree.append(exact == listed)
+        first.append(first_true(~exact) == first_true(~listed))
+    return {"skd_position_agreement": float(np.concatenate(agree).mean()),
+            "skd_first_switch_agreement": float(np.mean(first))}
 
 
 def closed_loop(teacher, student, prompts, rules, estimators, exact_runs, max_new_tokens, eos) -> dict:
@@ -156,7 +171,7 @@ def measure(teacher_dir, student_dir, prompts, max_new_tokens, eos, estimators=N
     runs = {}
     for name in ("switch", "adaswitch"):
         runs[name] = reference_rollout(teacher, student, prompts, rules[name], max_new_tokens, eos, keep_distributions=True)
-    runs["skd"] = reference_rollout(teacher, student, prompts, rules["skd"], max_new_tokens, eos)
+    runs["skd"] = reference_rollout(teacher, student, prompts, rules["skd"], max_new_tokens, eos, keep_distributions=True)
     result = {"positions": {n: int(sum(len(w) for w in r.writer)) for n, r in runs.items()},
               "exact": {n: {"teacher_fraction": r.teacher_fraction(),
                             "jsd_mean": float(np.concatenate(r.exact_jsd).mean()),

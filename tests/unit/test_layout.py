@@ -107,3 +107,12 @@ def test_the_checks_see_a_wrong_import(tmp_path):
     found = imports(bad, known)
     assert ("trainer.checkpoint", False) in found and ("numpy", True) in found
     assert "trainer" not in ALLOWED["services"]
+
+
+def test_the_independent_rollout_reference_imports_nothing_it_checks():
+    """tests/reference_rollout.py is the yardstick for switchkd's rollouts: were it to import the
+    policies or the divergences it checks, a wrong rule would agree with itself."""
+    tree = ast.parse((REPO / "tests" / "reference_rollout.py").read_text())
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    names |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not {name.split(".")[0] for name in names} & set(OURS), sorted(names)
