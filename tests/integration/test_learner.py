@@ -166,7 +166,9 @@ def plain_adamw_step(student_dir, batch: TrainBatch, loss: LossConfig, cfg: Lear
 
 def test_one_learner_step_equals_a_plain_pytorch_adamw_step(ray_cluster, student_dir, teacher):
     """ZeRO 1, 2 and 3 at world size 2 (each rank a different shard of rows, unequal token counts)
-    take the very step plain PyTorch takes on the whole batch: the same weights within 1e-6."""
+    take the very step plain PyTorch takes on the whole batch: the same weights within 2e-6, 0.2 %
+    of one lr-1e-3 Adam step (float32 summation order differs: measured up to 1.2e-6 on 1 of 2,048
+    elements; a wrong step, e.g. a missed clip or a mis-scaled gradient, moves weights ~1e-3)."""
     batch = batches(teacher, 1)[0]
     loss = LossConfig(kind="skew_reverse_kl")
     for stage in (1, 2, 3):
@@ -184,7 +186,7 @@ def test_one_learner_step_equals_a_plain_pytorch_adamw_step(ray_cluster, student
         initial = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).state_dict()
         for name, tensor in expected.items():
             assert not torch.equal(tensor, initial[name]) or name.endswith("rotary_emb.inv_freq"), name
-            torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=lambda m: f"ZeRO-{stage} {name}: {m}")
+            torch.testing.assert_close(got[name], tensor, rtol=0, atol=2e-6, msg=lambda m: f"ZeRO-{stage} {name}: {m}")
 
 
 # -- 3. kill and resume == uninterrupted ----------------------------------------------------------
