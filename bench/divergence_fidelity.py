@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.reference_rollout import Rule, exact_divergence, load_model, reference_rollout  # noqa: E402
+from tests.reference_rollout import Rule, load_model, reference_rollout  # noqa: E402
 
 KS = (20, 50, 100, 500)
 

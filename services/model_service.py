@@ -33,6 +33,7 @@ from protocol.topk import PAD_ID, TopK
 from services.config import EngineConfig
 from services.convert import fill_topk, flat_to_arrays
 from services.metrics import vllm_stat_loggers
+from services.process_guard import guard_children
 
 
 @dataclass
@@ -69,6 +70,7 @@ def raise_errors(result, what: str = "request") -> None:
 class ModelService:
     def __init__(self, model: str, engine: EngineConfig, eos_token_id: int, seed: int = 0, name: str = "model",
                  weights_dir: str | None = None):
+        guard_children()  # before vLLM starts its engine processes: they must die with this actor
         self.name = name
         self.model = model
         self.eos_token_id = eos_token_id

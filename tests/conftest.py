@@ -13,3 +13,12 @@ def embedded_fast():
     from build.embedded.build import build
 
     return build(REPO_ROOT / "artifacts" / "test-embedded", variant="fast", seed=0)
+
+
+@pytest.fixture(scope="session")
+def submitted_fast_run(embedded_fast, tmp_path_factory):
+    """The fast run submitted with `ray job submit` to its own `ray start --head`, run once for the
+    end-to-end tests and the fault test's straight-through comparison (tests/fast_run.py)."""
+    from tests.fast_run import submit_fast_run
+
+    return submit_fast_run(embedded_fast, tmp_path_factory.mktemp("job") / "run")

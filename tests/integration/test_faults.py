@@ -4,12 +4,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file, save
@@ -18,6 +19,7 @@ from processes import child_pids
 from orchestrator.launcher import start_service
 from orchestrator.metrics import step_records
 from services.pool import ServiceError, ServicePool
+from tests.fast_run import STEPS, fast_run_command
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -101,17 +103,71 @@ def _step_logged(step: int):
     return lambda records: any(r.get("step") == step and "loss" in r for r in records)
 
 
-def test_run_survives_killed_teacher_student_and_learner_then_stops_and_resumes(embedded_fast, tmp_path):
+def _processes_of(marker: str) -> list[psutil.Process]:
+    """Every live process whose environment carries ``marker``: the run's driver, its local Ray,
+    the actors' workers and whatever they spawned (vLLM's engine processes) inherit it."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("SWITCHKD_TEST_RUN") == marker and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.Error:  # exited, or not ours to read
+            pass
+    return found
+
+
+def _engine_workers(marker: str) -> list[psutil.Process]:
+    """The run's processes that a vLLM engine process started (its workers): the ones that lived on."""
+    found = []
+    for proc in _processes_of(marker):
+        try:
+            parent = proc.parent()
+            if parent is not None and "VLLM::EngineCore" in parent.name():
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_a_run_stopped_during_start_up_leaves_no_process_behind(embedded_fast, tmp_path):
+    """The moment the issue reported: SIGTERM while the engines start, once an engine has started its
+    worker process. The driver exits, and within seconds no process of the run remains. (Without
+    services/process_guard.py the engines' workers were measured still running 40 s later.)"""
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1", "SWITCHKD_TEST_RUN": marker}
+    # One replica of each kind is enough here, and starts sooner.
+    command = [*fast_run_command(embedded_fast, tmp_path / "run"), "services.teacher.replicas=1", "learner.world_size=1"]
+    run = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not _engine_workers(marker):
+            assert run.poll() is None, f"the run exited ({run.returncode}) before its engines started"
+            assert time.monotonic() < deadline, "no vLLM engine worker appeared within 300 s"
+            time.sleep(0.2)
+        seen = [f"{p.pid} {p.name()}" for p in _processes_of(marker)]
+        run.send_signal(signal.SIGTERM)  # what `ray job stop` sends
+        run.communicate(timeout=120)
+        deadline = time.monotonic() + 30  # Ray and the watchdogs take a moment to end the rest
+        while _processes_of(marker) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = [f"{p.pid} {p.name()}" for p in _processes_of(marker)]
+        assert not left, f"processes of the stopped run still running 30 s after it exited: {left} (at the stop: {seen})"
+    finally:
+        if run.poll() is None:
+            run.kill()
+        for proc in _processes_of(marker):  # leave nothing to the tests after this one
+            proc.kill()
+
+
+def test_run_survives_killed_teacher_student_and_learner_then_stops_and_resumes(embedded_fast, submitted_fast_run,
+                                                                                tmp_path):
+    """The fast run with a teacher replica, the only student replica and a learner rank killed
+    (SIGKILL), then stopped (SIGTERM) and resumed, against the same run straight through (the
+    end-to-end test's `ray job submit` run): every step trains the same batch to the same loss."""
     run_dir = tmp_path / "run"
-    command = [
-        sys.executable, "-m", "orchestrator.run", "--config", "deploy/configs/embedded-fast.yaml",
-        f"output_dir={run_dir}", f"models.teacher={embedded_fast / 'teacher'}", f"models.student={embedded_fast / 'student'}",
-        *[f"data.data_files.{split}={embedded_fast / 'data' / (split + '.jsonl')}" for split in ("train", "validation", "test")],
-        "schedule.steps=8", "schedule.checkpoint_every=2", "schedule.eval_every=100", "schedule.eval_examples=8",
-        "rollout.max_new_tokens=48", "learner.world_size=2", "learner.micro_batch_size=4",
-        "services.teacher.replicas=2", "ray.dashboard=false",
-    ]
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    command = fast_run_command(embedded_fast, run_dir)
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1", "SWITCHKD_TEST_RUN": marker}
     run = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         records = _wait_for(run, run_dir, lambda rs: any(r.get("event") == "started" for r in rs), "start")
@@ -121,12 +177,12 @@ def test_run_survives_killed_teacher_student_and_learner_then_stops_and_resumes(
         os.kill(pids["teacher-0"], signal.SIGKILL)  # mid-rollout of step 2, or just before it
         _wait_for(run, run_dir, _step_logged(2), "step 2")
         os.kill(pids["student-0"], signal.SIGKILL)  # the only student replica
-        _wait_for(run, run_dir, _step_logged(5), "step 5")  # a checkpoint at 4, step 5 applied after it
+        _wait_for(run, run_dir, _step_logged(3), "step 3")  # a checkpoint at 2, step 3 applied after it
         learner = child_pids(run.pid, "ray::LearnerRank")
         assert len(learner) == 2, learner
         os.kill(learner[1], signal.SIGKILL)
         _wait_for(run, run_dir, lambda rs: any(r.get("event") == "learner_restarted" for r in rs)
-                  and _step_logged(6)(rs), "the learner restart and step 6")
+                  and _step_logged(4)(rs), "the learner restart and step 4")
         run.send_signal(signal.SIGTERM)  # what `ray job stop` sends
         out, _ = run.communicate(timeout=120)
     finally:
@@ -136,7 +192,7 @@ def test_run_survives_killed_teacher_student_and_learner_then_stops_and_resumes(
     stopped = [r for r in first if r.get("event") == "stopped"]
     assert stopped and stopped[0]["signal"] == "SIGTERM", out[-3000:]
     stopped_at = stopped[0]["step"]
-    assert 6 <= stopped_at < 8
+    assert 4 <= stopped_at < STEPS
 
     # The second job resumes from the stop's checkpoint and finishes.
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -151,32 +207,37 @@ def test_run_survives_killed_teacher_student_and_learner_then_stops_and_resumes(
     back = {(r["service"], r["replica"], r["version"]) for r in events if r["event"] == "replica_restarted"}
     assert ("teacher", 0, 0) in back and ("student", 0, 2) in back, events  # the student at the version it had
     restart = next(r for r in events if r["event"] == "learner_restarted")
-    assert restart["resumed_step"] == 4
+    assert restart["resumed_step"] == 2
 
     steps = [r for r in records if "loss" in r]
     # Replayed steps train the very same batch from the very same state: the same loss.
     by_step: dict[int, list[dict]] = {}
     for r in steps:
         by_step.setdefault(r["step"], []).append(r)
-    assert sorted(by_step) == list(range(1, 9))
-    replayed = by_step[5]
+    assert sorted(by_step) == list(range(1, STEPS + 1))
+    replayed = by_step[3]
     assert len(replayed) == 2 and replayed[1].get("replayed")
     assert replayed[1]["loss"] == pytest.approx(replayed[0]["loss"], rel=1e-5, abs=1e-7)
     # No step applied twice: the optimizer has taken exactly `step` steps when step is logged.
     assert all(r["optimizer_step"] == r["step"] for r in steps)
     # Synchronous loop: every batch, replayed ones too, trained the weights that rolled it out.
     assert all(r["policy_lag"] == 0 for r in steps), [r["policy_lag"] for r in steps]
+    assert (run_dir / "student" / "model.safetensors").exists()
 
-    # Whole-run equivalence: the same command straight through, in another directory. Whatever was
-    # killed, stopped, resumed and replayed above, every step trained the very same batch (tokens,
-    # lengths and who wrote each token: the rollout digest) to the same loss.
-    straight_dir = tmp_path / "straight"
-    straight = subprocess.run([*(arg for arg in command if not arg.startswith("output_dir=")), f"output_dir={straight_dir}"],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-3000:]
+    # Whole-run equivalence: the same run straight through (submitted with `ray job submit`, another
+    # cluster, another directory). Whatever was killed, stopped, resumed and replayed here, every
+    # step trained the very same batch (tokens, lengths and who wrote each token: the rollout
+    # digest) to the same loss.
+    assert "SUCCEEDED" in submitted_fast_run["status"], submitted_fast_run["logs"][-3000:]
     faulted = {r["step"]: r for r in step_records(records)}
-    clean = {r["step"]: r for r in step_records(_records(straight_dir))}
-    assert sorted(clean) == sorted(faulted) == list(range(1, 9))
+    clean = {r["step"]: r for r in step_records(_records(submitted_fast_run["run_dir"]))}
+    assert sorted(clean) == sorted(faulted) == list(range(1, STEPS + 1))
     assert [faulted[s]["rollout_digest"] for s in clean] == [clean[s]["rollout_digest"] for s in clean]
     assert [faulted[s]["loss"] for s in clean] == pytest.approx([clean[s]["loss"] for s in clean], rel=1e-6, abs=1e-9)
-    assert (run_dir / "student" / "model.safetensors").exists()
+
+    # Two runs ended (stopped, resumed), with engines, learner ranks and replicas killed on the way:
+    # none of their processes is left.
+    deadline = time.monotonic() + 30
+    while _processes_of(marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _processes_of(marker), [f"{p.pid} {p.name()}" for p in _processes_of(marker)]

@@ -27,7 +27,7 @@ def _overrides(build: Path, cache: Path) -> list[str]:
 
 def _stage(build: Path, cache: Path) -> list[str]:
     return [sys.executable, "-m", "orchestrator.rationale.stage", "--config", "deploy/configs/embedded-rationale.yaml",
-            *_overrides(build, cache), "sft.train_rows=96"]
+            *_overrides(build, cache), "sft.train_rows=48", "sft.shard_rows=8"]
 
 
 def _shards(cache: Path) -> dict[str, Path]:
@@ -47,7 +47,7 @@ def test_killed_stage_resumes_to_the_same_rationales_and_a_run_trains_on_them(em
     whole = subprocess.run(_stage(embedded_fast, clean), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
     expected = _shards(clean)
-    assert len(expected) == 6  # 96 rows in shards of 16
+    assert len(expected) == 6  # 48 rows in shards of 8
 
     # Kill the worker once (Ray restarts it, its shard is sent again), then the whole stage.
     run = subprocess.Popen(_stage(embedded_fast, broken), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
@@ -77,10 +77,10 @@ def test_killed_stage_resumes_to_the_same_rationales_and_a_run_trains_on_them(em
     for name in expected:
         assert got[name].read_text() == expected[name].read_text(), name
     rows = [json.loads(line) for p in got.values() for line in p.read_text().splitlines()]
-    assert [r["index"] for r in rows] == list(range(96))
+    assert [r["index"] for r in rows] == list(range(48))
     assert all(1 <= len(r["rationale"]) <= 10 for r in rows)
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])
-    assert summary["rows"] == 96 and 0.0 < summary["answer_overlap"] <= 1.0
+    assert summary["rows"] == 48 and 0.0 < summary["answer_overlap"] <= 1.0
 
     # A short run on a fresh cache: the stage reports to the run's metrics, then the learner trains,
     # every step on the same 32 examples (answer + rationale rows), so the loss must fall.

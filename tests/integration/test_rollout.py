@@ -18,7 +18,6 @@ POLICY_SETTINGS = {
     "skd": {"skd": {"top_k": 3}},
     "mixed": {"mixed": {"student_prob": 0.5}},
 }
-POLICIES = ["on_policy", "teacher", "ground_truth", "mixed", "skd", "switch", "adaswitch"]
 
 
 def _rollout(pools, data, policy, strategy, n, max_new_tokens, temperature, seed=0, **cfg):
@@ -40,7 +39,10 @@ def pools(teacher_pool, student_pool):
     return teacher_pool, student_pool
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+# on_policy, teacher, skd, switch and adaswitch are compared, both strategies, with an independent
+# reference in test_reference_rollout.py (which implies lockstep = draft-verify for them); the two
+# policies that write reference tokens have no such reference, so they are checked here.
+@pytest.mark.parametrize("policy", ["ground_truth", "mixed"])
 def test_greedy_lockstep_and_draft_verify_are_identical(pools, embedded_data, policy):
     lock = _rollout(pools, embedded_data, policy, "lockstep", n=8, max_new_tokens=96, temperature=0.0)
     dv = _rollout(pools, embedded_data, policy, "draft_verify", n=8, max_new_tokens=96, temperature=0.0)
@@ -52,18 +54,14 @@ def test_greedy_lockstep_and_draft_verify_are_identical(pools, embedded_data, po
                                atol=1e-4)
 
     writers = set(np.unique(dv.writer[dv.response_mask]).tolist())
-    expected = {"on_policy": {STUDENT}, "teacher": {TEACHER}, "ground_truth": {REFERENCE},
-                "mixed": {STUDENT, REFERENCE}, "skd": {STUDENT, TEACHER}, "switch": {TEACHER},
-                "adaswitch": {STUDENT, TEACHER}}[policy]
+    expected = {"ground_truth": {REFERENCE}, "mixed": {STUDENT, REFERENCE}}[policy]
     assert expected <= writers <= {STUDENT, TEACHER, REFERENCE}, f"{policy}: got writers {writers}"
 
     # Draft-verify's round trips: one per hand-over, never one per token.
     calls = dv.stats["teacher_calls"] + dv.stats["student_calls"]
-    assert (calls < dv.response_lengths).all() or policy in ("switch", "skd")
-    if policy in ("on_policy", "teacher", "ground_truth"):
+    assert (calls < dv.response_lengths).all()
+    if policy == "ground_truth":
         assert (dv.stats["teacher_calls"] <= 1).all()
-    if policy == "adaswitch":
-        assert (dv.stats["teacher_calls"] <= 2).all()  # verify once, then continue once
 
 
 @pytest.mark.parametrize("policy", ["switch", "adaswitch"])
@@ -106,10 +104,10 @@ def test_sampled_switch_rates_agree_within_sampling_error(pools, embedded_data):
     """Under sampling the two strategies give the same distribution of sequences. Per-sequence
     teacher fractions are independent draws; a two-sample z-test at |z| < 3.29 fails a correct
     implementation with probability 0.001."""
-    n = 192
+    n = 128
     fractions = {}
     for strategy in ("lockstep", "draft_verify"):
-        batch = _rollout(pools, embedded_data, "skd", strategy, n=n, max_new_tokens=48, temperature=1.0,
+        batch = _rollout(pools, embedded_data, "skd", strategy, n=n, max_new_tokens=32, temperature=1.0,
                          seed={"lockstep": 1, "draft_verify": 2}[strategy])
         fractions[strategy] = batch.stats["teacher_fraction"]
     a, b = fractions["lockstep"], fractions["draft_verify"]

@@ -2,9 +2,11 @@
 import numpy as np
 import pytest
 import torch
+from topk_checks import assert_topk_matches_model
 
 from protocol.weights import pack_state
 from services.model_service import RequestError, raise_errors
+from tests.reference_rollout import load_model
 
 K = 20
 
@@ -15,29 +17,6 @@ def models(embedded_data):
     prompts = data["prompts"][:6]
     sequences = [p + r for p, r in zip(prompts, data["references"][:6])]
     return {"dir": data["dir"], "eos": data["eos"], "prompts": prompts, "sequences": sequences}
-
-
-def assert_topk_matches_transformers(topk, sequences, starts, model_dir):
-    """vLLM's top-k at positions ``starts[i]:`` of each sequence against transformers' full softmax of
-    the same model (fp32): logprobs and the token's logprob within 1e-4, ids wherever the ranking is
-    not a near-tie."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    for i, (seq, start) in enumerate(zip(sequences, starts)):
-        with torch.no_grad():
-            logp = torch.log_softmax(model(torch.tensor([seq])).logits[0], -1).numpy()
-        # Position j's distribution comes from the logits at j - 1.
-        rows = logp[start - 1 : len(seq) - 1]
-        n = len(rows)
-        top = np.argsort(-rows, -1, kind="stable")[:, :K]
-        np.testing.assert_allclose(topk.logprobs[i, :n], np.take_along_axis(rows, top, -1), atol=1e-4)
-        gaps = np.abs(np.diff(np.take_along_axis(rows, top, -1), axis=-1))
-        clear = np.concatenate([gaps > 1e-4, np.ones((n, 1), bool)], -1) & np.concatenate([np.ones((n, 1), bool), gaps > 1e-4], -1)
-        assert (topk.ids[i, :n][clear] == top[clear]).all()
-        actual = np.asarray(seq[start:])
-        np.testing.assert_allclose(topk.token_logprob[i, :n], rows[np.arange(n), actual], atol=1e-4)
-        assert topk.mask[i, :n].all() and not topk.mask[i, n:].any()
 
 
 @pytest.mark.parametrize("path", ["score", "generate"])
@@ -55,7 +34,8 @@ def test_topk_matches_transformers_full_vocabulary(teacher_pool, student_pool, m
         sequences = [p + result.tokens[i, : result.lengths[i]].tolist() for i, p in enumerate(prompts)]
         starts = [len(p) for p in prompts]
     raise_errors(result)
-    assert_topk_matches_transformers(result.topk, sequences, starts, models["dir"] / role)
+    # against transformers' full softmax of the same model: logprobs within 1e-4, ids where not a near-tie
+    assert_topk_matches_model(result.topk, sequences, starts, load_model(models["dir"] / role))
 
 
 def test_generation_returns_k_entries_and_is_deterministic_when_greedy(student_pool, models):

@@ -1,7 +1,8 @@
 """Learner -> student vLLM service: after a push, vLLM's greedy output is transformers' greedy
-output from the learner's current weights, every scored token's logprob matches transformers'
-within 1e-4 (fp32), and the service reports the pushed version. A negative control pushes the
-same weights with one tensor left at its old value: the logprob check must then fail.
+output from the learner's current weights, the whole top-20 list at every scored position (and the
+scored token's own logprob) matches transformers' within 1e-4 (fp32), and the service reports the
+pushed version. A negative control pushes the same weights with one tensor left at its old value:
+the same check must then fail.
 
 The service starts from the learner's exported HF directory, so this also checks that vLLM
 loads what ``export_hf`` writes. Tied and untied embeddings both: vLLM needs ``lm_head.weight``
@@ -15,6 +16,7 @@ import pytest
 import ray
 import torch
 from learner_helpers import make_batch, model_with, tiny_causal_lm, tiny_llama
+from topk_checks import assert_topk_matches_model
 
 from orchestrator.launcher import start_learner, start_service
 from protocol.weights import pack_state
@@ -37,23 +39,14 @@ def hf_greedy(model, prefixes: list[list[int]]) -> list[list[int]]:
     return out
 
 
-def hf_token_logprobs(model, sequences: list[list[int]], start: int) -> np.ndarray:
-    """transformers' logprob of each token from position ``start`` on, all sequences concatenated."""
-    out = []
-    for seq in sequences:  # a reference: one sequence at a time
-        with torch.no_grad():
-            logprobs = torch.log_softmax(model(torch.tensor([seq])).logits[0].double(), -1)
-        out.append(logprobs[start - 1: len(seq) - 1].gather(1, torch.tensor(seq[start:])[:, None])[:, 0].numpy())
-    return np.concatenate(out)
-
-
-def vllm_token_logprobs(pool, sequences: list[list[int]], start: int) -> np.ndarray:
-    scored = pool.score(sequences, [start] * len(sequences), 5).result()
-    return scored.topk.token_logprob[scored.topk.mask].astype(np.float64)
+def vllm_scored(pool, sequences: list[list[int]], start: int):
+    """The service's top-K at positions ``start:`` of each sequence."""
+    return pool.score(sequences, [start] * len(sequences), K).result().topk
 
 
 # fp32 on both sides; vLLM's CPU kernels sum in another order than transformers' eager ones.
 LOGPROB_ATOL = 1e-4
+K = 20  # the whole top-k list is compared, not only the scored token
 
 
 def vllm_greedy(pool, prefixes) -> tuple[list[list[int]], int]:
@@ -99,16 +92,16 @@ def test_push_makes_vllm_generate_like_the_learner(ray_cluster, tmp_path, arch, 
         assert version == 1 and pool.versions() == [1]
         assert timing["bytes"] > 0 and min(timing["gather_s"], timing["pack_s"]) > 0
         state = group.export_state()
-        expected_logprobs = hf_token_logprobs(model_with(state, exported), scored, 2)
-        pushed = vllm_token_logprobs(pool, scored, 2)
-        np.testing.assert_allclose(pushed, expected_logprobs, rtol=0, atol=LOGPROB_ATOL)
+        learner_model = model_with(state, exported)
+        # The whole top-K list at every scored position, and each token's own logprob, as the learner's model gives them.
+        assert_topk_matches_model(vllm_scored(pool, scored, 2), scored, [2] * len(scored), learner_model, LOGPROB_ATOL)
 
-        # Negative control: one tensor of a middle layer left at its value before the steps.
+        # Negative control: one tensor of a middle layer left at its value before the steps; the same check fails.
         stale_name = next(n for n in state if ("layers.1." in n or ".h.1." in n) and "mlp" in n and n.endswith("weight"))
         assert not torch.equal(initial[stale_name], state[stale_name])
         pool.load_weights(pack_state({**state, stale_name: initial[stale_name]}), version=2)
-        stale = vllm_token_logprobs(pool, scored, 2)
-        assert np.abs(stale - expected_logprobs).max() > 10 * LOGPROB_ATOL, f"{stale_name} left stale went unseen"
+        with pytest.raises(AssertionError):
+            assert_topk_matches_model(vllm_scored(pool, scored, 2), scored, [2] * len(scored), learner_model, LOGPROB_ATOL)
     finally:
         group.shutdown()
         if pool is not None:

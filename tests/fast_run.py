@@ -1,0 +1,135 @@
+"""One short run of the whole pipeline on the fast embedded build, shared by the tests that read it.
+
+`submit_fast_run` runs it as users do: `ray start --head` on 127.0.0.1 (token auth on), `ray job
+submit` from the repository root, wait, then stop that head. The end-to-end tests read what it
+leaves (status, logs, the run directory, the metrics endpoint scraped while it ran), and the fault
+test compares its faulted, stopped and resumed run with it step by step: both use
+``fast_run_overrides``, so they are the same run.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+JOB_TIMEOUT_S = 900
+STEPS = 6
+
+
+def fast_run_overrides(build: Path, run_dir: Path) -> list[str]:
+    """deploy/configs/embedded-fast.yaml, shortened, with every actor kind twice over (two teacher
+    replicas, two learner ranks) so that faults have a replica or a rank to kill."""
+    return [
+        f"output_dir={run_dir}", f"models.teacher={build / 'teacher'}", f"models.student={build / 'student'}",
+        *[f"data.data_files.{split}={build / 'data' / (split + '.jsonl')}" for split in ("train", "validation", "test")],
+        f"schedule.steps={STEPS}", "schedule.checkpoint_every=2", "schedule.eval_every=100", "schedule.eval_examples=8",
+        "rollout.max_new_tokens=48", "learner.world_size=2", "learner.micro_batch_size=4",
+        "services.teacher.replicas=2", "ray.dashboard=false",
+    ]
+
+
+def fast_run_command(build: Path, run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "orchestrator.run", "--config", "deploy/configs/embedded-fast.yaml",
+            *fast_run_overrides(build, run_dir)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> str:
+    try:
+        return urllib.request.urlopen(url, timeout=5).read().decode()
+    except OSError:
+        return ""
+
+
+def _cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([RAY, *args], env=env, capture_output=True, text=True)
+
+
+@contextmanager
+def ray_head():
+    """A Ray head started the way an operator starts one: loopback only, token auth on.
+
+    `--block` keeps the head in this one process group, so stopping it stops this head and nothing
+    else (`ray stop` would stop every Ray on the machine)."""
+    dashboard, metrics = _free_port(), _free_port()
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token",
+           "RAY_metrics_report_interval_ms": "1000"}  # gauges reach the endpoint within a second
+    subprocess.run([RAY, "get-auth-token", "--generate"], check=True, env=env, capture_output=True)
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", f"--metrics-export-port={metrics}", f"--port={_free_port()}",
+         "--num-cpus=8", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.time() + 120
+        while not _cli(["job", "list", "--address", address], env).returncode == 0:
+            assert head.poll() is None and time.time() < deadline, "the Ray head did not come up"
+            time.sleep(2)
+        yield {"address": address, "metrics": metrics, "env": env}
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(60)
+
+
+def submit_fast_run(build: Path, run_dir: Path) -> dict:
+    """Submit the fast run from the repository root, as the README says, and wait for it.
+
+    base_dir points the job (which runs in Ray's unpacked copy of the code) at this checkout's
+    cached fast build. Returns the job's status and logs, ``run_dir`` and the last scrape of Ray's
+    metrics endpoint that carried the switch rate."""
+    with ray_head() as head:
+        overrides = [f"base_dir={REPO}", f"models.embedded_dir={build.parent}", *fast_run_overrides(build, run_dir)]
+        env, address = head["env"], head["address"]
+        command = [RAY, "job", "submit", "--address", address, "--no-wait", "--working-dir", ".", "--",
+                   sys.executable, "-m", "orchestrator.run", "--config", "deploy/configs/embedded-fast.yaml", *overrides]
+        for _ in range(30):  # a fresh head answers before its job agent is up: "No available agent"
+            submit = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
+            if submit.returncode == 0 or "No available agent" not in submit.stderr:
+                break
+            time.sleep(2)
+        assert submit.returncode == 0, submit.stdout[-2000:] + submit.stderr[-2000:]
+        job_id = re.search(r"raysubmit_\w+", submit.stdout + submit.stderr).group(0)
+
+        # Scrape in the background twice a second while the job runs: one `ray job status` call takes
+        # seconds on 2 cores, and the job's gauges leave the endpoint soon after it exits.
+        scrapes, done = [], threading.Event()
+
+        def scrape() -> None:
+            while not done.is_set():
+                text = _get(f"http://127.0.0.1:{head['metrics']}/metrics")
+                if "ray_switchkd_" in text:
+                    scrapes.append(text)
+                done.wait(0.5)
+
+        scraper = threading.Thread(target=scrape, daemon=True)
+        scraper.start()
+        status, deadline = "", time.time() + JOB_TIMEOUT_S
+        while time.time() < deadline:
+            answer = _cli(["job", "status", "--address", address, job_id], env)
+            status = (answer.stdout + answer.stderr).upper()  # the CLI says "Job '...' succeeded"
+            if re.search(r"\b(SUCCEEDED|FAILED|STOPPED)\b", status):
+                break
+            time.sleep(2)
+        done.set()
+        scraper.join()
+        # The last scrape that carries the switch rate: the run keeps every gauge's last value alive,
+        # so it holds the baseline eval, the last step and the stage timings together.
+        scraped = next((text for text in reversed(scrapes) if "ray_switchkd_teacher_fraction" in text), "")
+        logs = _cli(["job", "logs", "--address", address, job_id], env).stdout
+    return {"status": status, "logs": logs, "run_dir": run_dir, "metrics_text": scraped}
