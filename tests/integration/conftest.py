@@ -89,4 +89,3 @@ def smollm2(tmp_path_factory):
     pruning = prune_layers(out / "instruct", out / "student", keep=6)
     tokenizer = check_pair(str(out / "instruct"), str(out / "student"))
     return {"dir": out, "difference": difference, "pruning": pruning, "tokenizer": tokenizer}
-

@@ -5,10 +5,11 @@ token at a time, on full-vocabulary distributions, importing nothing of switchkd
 switchkd's strategies (real vLLM engines in Ray actors, rollout.divergence=exact, greedy) must
 write the reference's tokens by the reference's hands, on the fast embedded models. (On
 SmolLM2's 49,152-token vocabulary, whole-vocabulary replies for every scored position, prompt
-included, took the node past Ray's 95 % memory threshold: not run here.) A difference is allowed only where the reference's own decision is within
-numerical noise of its threshold (vLLM and transformers differ by ~1e-5 in a logprob): there the
-row's comparison stops, and the test reports the positions. Thresholds come from the reference's
-divergences on these prompts, so that both writers occur.
+included, took this 24 GB node past Ray's 95 % memory threshold: not run here.) A difference is
+allowed only where the reference's own decision is within numerical noise of its threshold (vLLM
+and transformers differ by ~1e-5 in a logprob): there the row's comparison stops, and the test
+reports the positions. Thresholds come from the reference's divergences on these prompts, so
+that both writers occur.
 """
 from dataclasses import dataclass
 
