@@ -94,10 +94,9 @@ def submit_fast_run(build: Path, run_dir: Path) -> dict:
     cached fast build. Returns the job's status and logs, ``run_dir`` and the last scrape of Ray's
     metrics endpoint that carried the switch rate."""
     with ray_head() as head:
-        overrides = [f"base_dir={REPO}", f"models.embedded_dir={build.parent}", *fast_run_overrides(build, run_dir)]
         env, address = head["env"], head["address"]
         command = [RAY, "job", "submit", "--address", address, "--no-wait", "--working-dir", ".", "--",
-                   sys.executable, "-m", "orchestrator.run", "--config", "deploy/configs/embedded-fast.yaml", *overrides]
+                   *fast_run_command(build, run_dir), f"base_dir={REPO}", f"models.embedded_dir={build.parent}"]
         for _ in range(30):  # a fresh head answers before its job agent is up: "No available agent"
             submit = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
             if submit.returncode == 0 or "No available agent" not in submit.stderr:

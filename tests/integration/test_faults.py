@@ -116,6 +116,15 @@ def _processes_of(marker: str) -> list[psutil.Process]:
     return found
 
 
+def _assert_none_left(marker: str, context: str = "") -> None:
+    """No process of the run 30 s after its driver exited (Ray and the watchdogs take a moment)."""
+    deadline = time.monotonic() + 30
+    while _processes_of(marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = [f"{p.pid} {p.name()}" for p in _processes_of(marker)]
+    assert not left, f"processes of the run still running 30 s after it exited: {left} {context}"
+
+
 def _engine_workers(marker: str) -> list[psutil.Process]:
     """The run's processes that a vLLM engine process started (its workers): the ones that lived on."""
     found = []
@@ -147,11 +156,7 @@ def test_a_run_stopped_during_start_up_leaves_no_process_behind(embedded_fast, t
         seen = [f"{p.pid} {p.name()}" for p in _processes_of(marker)]
         run.send_signal(signal.SIGTERM)  # what `ray job stop` sends
         run.communicate(timeout=120)
-        deadline = time.monotonic() + 30  # Ray and the watchdogs take a moment to end the rest
-        while _processes_of(marker) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        left = [f"{p.pid} {p.name()}" for p in _processes_of(marker)]
-        assert not left, f"processes of the stopped run still running 30 s after it exited: {left} (at the stop: {seen})"
+        _assert_none_left(marker, f"at the stop: {seen}")
     finally:
         if run.poll() is None:
             run.kill()
@@ -237,7 +242,4 @@ def test_run_survives_killed_teacher_student_and_learner_then_stops_and_resumes(
 
     # Two runs ended (stopped, resumed), with engines, learner ranks and replicas killed on the way:
     # none of their processes is left.
-    deadline = time.monotonic() + 30
-    while _processes_of(marker) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _processes_of(marker), [f"{p.pid} {p.name()}" for p in _processes_of(marker)]
+    _assert_none_left(marker)

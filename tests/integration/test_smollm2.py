@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from learner_helpers import model_with
@@ -69,14 +70,18 @@ def test_pushed_pruned_student_scores_like_the_learner(ray_cluster, smollm2, cpu
         state = group.export_state()
         learner = model_with(state, student_dir)
         assert torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])  # still tied after training
+        before = scored()
         with pytest.raises(AssertionError):  # the step moved the weights: a push that did nothing fails
-            assert_topk_matches_model(scored(), sequences, starts, learner)
-        assert_topk_matches_model(scored(), sequences, starts, base)  # ... and the base weights are served
+            assert_topk_matches_model(before, sequences, starts, learner)
+        assert_topk_matches_model(before, sequences, starts, base)  # ... and the base weights are served
 
         pool.load_weights(group.packed_weights()[0], version=1)
         # fp32 both sides; vLLM's CPU kernels sum in another order than transformers' eager ones. Measured
-        # 2026-12-02: the scored tokens' logprobs within 3.2e-5 (49,152-token softmax), so 1e-4 keeps a 3x margin.
-        assert_topk_matches_model(scored(), sequences, starts, learner, atol=1e-4)
+        # 2026-12-02: the scored tokens' logprobs within 3.2e-5 (49,152-token softmax), so 1e-4 keeps a 3x margin
+        # while the step moved them by more than 1e-2.
+        after = scored()
+        assert_topk_matches_model(after, sequences, starts, learner, atol=1e-4)
+        assert np.abs(after.token_logprob[after.mask] - before.token_logprob[before.mask]).max() > 1e-2
         assert pool.versions() == [1]
 
         # Negative control: one MLP weight of the third layer left at its value before the step.

@@ -94,14 +94,19 @@ def test_push_makes_vllm_generate_like_the_learner(ray_cluster, tmp_path, arch, 
         state = group.export_state()
         learner_model = model_with(state, exported)
         # The whole top-K list at every scored position, and each token's own logprob, as the learner's model gives them.
-        assert_topk_matches_model(vllm_scored(pool, scored, 2), scored, [2] * len(scored), learner_model, LOGPROB_ATOL)
+        pushed = vllm_scored(pool, scored, 2)
+        assert_topk_matches_model(pushed, scored, [2] * len(scored), learner_model, LOGPROB_ATOL)
 
-        # Negative control: one tensor of a middle layer left at its value before the steps; the same check fails.
+        # Negative control: one tensor of a middle layer left at its value before the steps; the same check fails,
+        # and by far (more than 10x the tolerance).
         stale_name = next(n for n in state if ("layers.1." in n or ".h.1." in n) and "mlp" in n and n.endswith("weight"))
         assert not torch.equal(initial[stale_name], state[stale_name])
         pool.load_weights(pack_state({**state, stale_name: initial[stale_name]}), version=2)
+        stale = vllm_scored(pool, scored, 2)
         with pytest.raises(AssertionError):
-            assert_topk_matches_model(vllm_scored(pool, scored, 2), scored, [2] * len(scored), learner_model, LOGPROB_ATOL)
+            assert_topk_matches_model(stale, scored, [2] * len(scored), learner_model, LOGPROB_ATOL)
+        gap = np.abs(stale.token_logprob[stale.mask] - pushed.token_logprob[pushed.mask]).max()
+        assert gap > 10 * LOGPROB_ATOL, f"{stale_name} left stale went unseen"
     finally:
         group.shutdown()
         if pool is not None:
