@@ -248,6 +248,14 @@ class RunConfig:
         if self.method == "sft" and self.loss.kind != "cross_entropy":
             raise ValueError(f"loss.kind: method sft trains on fixed text and needs loss.kind=cross_entropy, "
                              f"got {self.loss.kind!r}")
+        if self.loss.kind == "sampled_reverse_kl" and self.method == "distill":
+            if self.policy.name in ("teacher", "ground_truth"):
+                raise ValueError(f"loss.kind: sampled_reverse_kl trains on the student's own tokens; policy "
+                                 f"{self.policy.name!r} writes none")
+            if self.rollout.strategy == "lockstep":
+                raise ValueError("loss.kind: sampled_reverse_kl needs the teacher's logprob of every student token; "
+                                 "lockstep knows it only where the teacher's top-k lists the token: use "
+                                 "rollout.strategy=draft_verify (its scoring pass gives each one exactly)")
         if self.policy.name == "skd" and self.policy.skd.top_k > self.rollout.top_k:
             raise ValueError(
                 f"policy.skd.top_k: {self.policy.skd.top_k} exceeds rollout.top_k={self.rollout.top_k}; "

@@ -23,7 +23,9 @@ def evaluate(pool, examples: Examples, tokenizer, n: int, max_new_tokens: int, m
     if postprocess is not None:
         texts = [postprocess(t) for t in texts]
     scores = score_batch(texts, examples.answers[:count], examples.references[:count])
-    rows = [{"index": i, "exact_match": bool(em), "rouge_l": rl, "reference_tokens": len(examples.reference_ids[i]),
-             "output": text} for i, (em, rl, text) in enumerate(zip(scores["exact_match_rows"], scores["rouge_l_rows"], texts))]
+    rows = [{"index": i, "exact_match": bool(em), "rouge_l": rl, "rouge_l_whitespace": rl_ws,
+             "reference_tokens": len(examples.reference_ids[i]), "output": text}
+            for i, (em, rl, rl_ws, text) in enumerate(zip(scores["exact_match_rows"], scores["rouge_l_rows"],
+                                                          scores["rouge_l_whitespace_rows"], texts))]
     return {"exact_match": scores["exact_match"], "rouge_l": scores["rouge_l"], "n": scores["n"],
             "version": out.version, "samples": texts[:3], "rows": rows}

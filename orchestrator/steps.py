@@ -164,8 +164,9 @@ class TrainingLoop:
         return seconds
 
     def restore(self, reused_student: bool = False) -> None:
-        """Resume from the latest checkpoint (``resume: true``), or bring a student pool reused
-        from an earlier run back to the base weights."""
+        """Resume from the latest checkpoint (``resume: true``), or give a student pool reused
+        from an earlier run this run's starting weights (it may serve another run's, or another
+        model's of the same architecture: bench/methods.py's warm start)."""
         state = self.learner.load_latest_checkpoint(str(self.run_dir)) if self.cfg.resume else None
         if state is not None:
             self.step, self.cursor = state["step"], state["cursor"]
@@ -174,8 +175,8 @@ class TrainingLoop:
                 self.push(state["weight_version"], self.step)
             self.metrics.event("resumed", {"step": self.step, "weight_version": self.version})
             print(f"resumed from step {self.step} (weight version {self.version})")
-        elif reused_student and (served := max(self.student.versions())) > 0:
-            self.push(served + 1, 0)
+        elif reused_student:
+            self.push(max(self.student.versions()) + 1, 0)
         self.progress = _progress(self.cfg.schedule.steps, self.step)
 
     def _tokens_trained_up_to(self, step: int) -> int:

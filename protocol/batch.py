@@ -27,6 +27,9 @@ class TrainBatch:
     prompt_lengths: np.ndarray  # int64 [B]
     response_lengths: np.ndarray  # int64 [B]
     teacher: TopK  # [B, R, k]
+    # int8 [B, R]: who wrote each response token; read by loss.kind=sampled_reverse_kl, which
+    # trains on the student's own tokens only (None: fixed text, nobody sampled).
+    writer: np.ndarray | None = None
 
     @property
     def response_mask(self) -> np.ndarray:
@@ -38,7 +41,7 @@ class TrainBatch:
     def rows(self, index) -> "TrainBatch":
         """A subset of rows (e.g. one learner rank's micro-batch)."""
         return TrainBatch(self.tokens[index], self.prompt_lengths[index], self.response_lengths[index],
-                          self.teacher[index])
+                          self.teacher[index], None if self.writer is None else self.writer[index])
 
 
 @dataclass
@@ -62,4 +65,4 @@ class MixedBatch:
 
     def for_learner(self) -> TrainBatch:
         """The arrays the learner reads (no copy)."""
-        return TrainBatch(self.tokens, self.prompt_lengths, self.response_lengths, self.teacher)
+        return TrainBatch(self.tokens, self.prompt_lengths, self.response_lengths, self.teacher, self.writer)

@@ -5,7 +5,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 # cross_entropy: no teacher term, the sequence's own tokens only (SFT; the rationale method).
-LossKind = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "cross_entropy"]
+# sampled_reverse_kl: reverse KL estimated from the student's own sampled token alone (k1 or k3).
+LossKind = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "cross_entropy",
+                   "sampled_reverse_kl"]
 
 
 @dataclass
@@ -14,6 +16,10 @@ class LossConfig:
     alpha: float = 0.1  # skew of skew_kl / skew_reverse_kl (DistiLLM's default)
     beta: float = 0.5  # weight of the teacher in generalized JSD(β) (GKD)
     ce_weight: float = 0.0  # adds ce_weight · cross-entropy on the sequence's own tokens
+    # sampled_reverse_kl: which estimate of log(q/p) at the sampled token (k1 = -log r, k3 = r - 1 - log r),
+    # and the weight of the top-k forward KL added at every response token (0: none).
+    estimator: Literal["k1", "k3"] = "k3"
+    forward_kl_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 < self.alpha < 1:
@@ -22,6 +28,11 @@ class LossConfig:
             raise ValueError(f"beta: must be in (0, 1), got {self.beta}")
         if self.ce_weight < 0:
             raise ValueError(f"ce_weight: must be >= 0, got {self.ce_weight}")
+        if self.forward_kl_weight < 0:
+            raise ValueError(f"forward_kl_weight: must be >= 0, got {self.forward_kl_weight}")
+        if self.forward_kl_weight > 0 and self.kind != "sampled_reverse_kl":
+            raise ValueError(f"forward_kl_weight: only read by kind sampled_reverse_kl (the other kinds are "
+                             f"divergences on the top-k already), got kind {self.kind!r}")
 
 
 @dataclass

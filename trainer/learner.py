@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from protocol.batch import TrainBatch
+from protocol.batch import STUDENT, TrainBatch
 from protocol.weights import pack_state
 from trainer import checkpoint
 from trainer.config import LearnerConfig, LossConfig
@@ -110,7 +110,23 @@ def batch_tensors(batch: TrainBatch, device: torch.device) -> dict[str, torch.Te
         "teacher_ids": as_tensor(batch.teacher.ids[:, :resp]),
         "teacher_logprobs": as_tensor(batch.teacher.logprobs[:, :resp]),
         "mask": as_tensor(batch.teacher.mask[:, :resp]),
+        "teacher_token_logprob": as_tensor(batch.teacher.token_logprob[:, :resp]),
+        "sampled": as_tensor(np.zeros((len(batch), resp), bool) if batch.writer is None
+                             else batch.writer[:, :resp] == STUDENT),
     }
+
+
+def check_sampled_tokens(batch: TrainBatch) -> None:
+    """loss.kind=sampled_reverse_kl needs who wrote each token and the teacher's logprob of every
+    student-written one."""
+    if batch.writer is None:
+        raise ValueError("loss.kind=sampled_reverse_kl: the batch has no writer (fixed text has no sampled tokens)")
+    sampled = (batch.writer == STUDENT) & batch.teacher.mask
+    unknown = int((sampled & ~np.isfinite(batch.teacher.token_logprob)).sum())
+    if unknown:
+        raise ValueError(f"loss.kind=sampled_reverse_kl: the teacher's logprob of {unknown} of {int(sampled.sum())} "
+                         "student-written tokens is unknown (lockstep knows it only where the teacher's top-k lists "
+                         "the token; rollout.strategy=draft_verify scores every one)")
 
 
 def response_logits(model, tokens: torch.Tensor, prompt_lengths: torch.Tensor, lengths: torch.Tensor,
@@ -231,6 +247,8 @@ class LearnerRank:
         global_tokens = int(mask.sum())
         if global_tokens == 0:
             raise ValueError("train_step: the batch has no response tokens (teacher.mask is all False)")
+        if loss_cfg.kind == "sampled_reverse_kl":
+            check_sampled_tokens(batch)
         micro_batches = shard_rows(len(batch), self.world_size, self.rank, self.cfg.gradient_accumulation_steps,
                                    self.cfg.micro_batch_size)
         # ZeRO averages gradients over ranks; times world_size undoes that, so the gradient is the
@@ -244,7 +262,8 @@ class LearnerRank:
             x = batch_tensors(batch.rows(rows), self.device)
             logits, targets = response_logits(self.engine, x["tokens"], x["prompt_lengths"], x["lengths"],
                                               x["mask"].shape[1])
-            mean = distillation_loss(logits, x["teacher_ids"], x["teacher_logprobs"], x["mask"], loss_cfg, targets)
+            mean = distillation_loss(logits, x["teacher_ids"], x["teacher_logprobs"], x["mask"], loss_cfg, targets,
+                                     x["teacher_token_logprob"], x["sampled"])
             token_sum = mean * x["mask"].sum()  # distillation_loss is a mean over this micro-batch's tokens
             t1 = time.perf_counter()
             self.engine.backward(token_sum * scale, scale_wrt_gas=False)  # already normalised globally

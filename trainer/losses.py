@@ -16,6 +16,14 @@ masked out):
     skew_reverse_kl  KL(q ‖ (1−α)·p + α·q)                                  (DistiLLM)
     tvd              ½·Σ|p − q|
     cross_entropy    −log q(y_t): no teacher term (SFT, the rationale method)
+
+    sampled_reverse_kl   KL(q ‖ p) from the student's own sampled token y alone (the on-policy
+                     distillation loss of verl, TRL, Tinker...): it needs only the teacher's logprob
+                     of y, no list. With log r = log p(y) − log q(y):
+                         k1 = −log r          k3 = (r − 1) − log r
+                     both unbiased for KL(q ‖ p) when y ~ q (k3 never negative, lower variance).
+                     Only student-written tokens count (a teacher-written token was not drawn from
+                     q); plus forward_kl_weight · the top-k forward KL at every response token.
 """
 from __future__ import annotations
 
@@ -89,6 +97,36 @@ def token_divergence(teacher: torch.Tensor, student: torch.Tensor, loss: LossCon
     raise ValueError(f"unknown loss kind {kind!r}")
 
 
+def sampled_reverse_kl(
+    student_logits: torch.Tensor, tokens: torch.Tensor, teacher_token_logprob: torch.Tensor,
+    sampled: torch.Tensor, estimator: str,
+) -> torch.Tensor:
+    """Per position [...]: the k1 or k3 estimate of KL(q ‖ p) at the sampled token, 0 where
+    ``sampled`` is False.
+
+    Its value is the estimate; its gradient is the exact gradient of the estimate's expectation
+    under q (the score-function term included, as DiCE writes it):
+        ∇ E_q[k(y)] = E_q[∇k + k ∇log q(y)]
+    With ∇k1 = ∇log q and ∇k3 = (1 − r) ∇log q this is w·∇log q, w = k1 + 1 (k1) or k1 (k3):
+    both unbiased for ∇KL(q ‖ p); k1's extra term has mean zero and only adds variance. (A
+    pathwise-only k3, as a KL penalty is often written, would follow the forward KL instead.)
+    The estimate assumes y was drawn from the student being trained at temperature 1.
+    """
+    log_q = F.log_softmax(student_logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    # where, not multiply: a teacher-written position may hold NaN, and NaN * 0 is NaN.
+    log_p = torch.where(sampled, teacher_token_logprob.float(), torch.zeros_like(log_q)).clamp(min=LOG_FLOOR)
+    log_r = log_p - log_q.detach()
+    k1 = -log_r
+    if estimator == "k1":
+        value, weight = k1, k1 + 1.0
+    elif estimator == "k3":
+        value, weight = torch.expm1(log_r) - log_r, k1
+    else:
+        raise ValueError(f"loss.estimator: unknown estimator {estimator!r} (k1 or k3)")
+    per_token = value + weight * (log_q - log_q.detach())  # = value; gradient weight · ∇log q
+    return torch.where(sampled, per_token, torch.zeros_like(per_token))
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_ids: torch.Tensor,
@@ -96,16 +134,28 @@ def distillation_loss(
     mask: torch.Tensor,
     loss: LossConfig,
     target_tokens: torch.Tensor | None = None,
+    teacher_token_logprob: torch.Tensor | None = None,
+    sampled: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean over masked positions of the divergence (plus ce_weight · cross-entropy; only the
     cross-entropy for kind ``cross_entropy``).
 
     All arguments are aligned per response position: ``student_logits[..., t, :]`` is the
-    student's prediction of the token at position t, ``target_tokens[..., t]`` that token.
+    student's prediction of the token at position t, ``target_tokens[..., t]`` that token;
+    kind ``sampled_reverse_kl`` also reads the teacher's logprob of that token and ``sampled``
+    (the student wrote it).
     """
     ce_weight = 1.0 if loss.kind == "cross_entropy" else loss.ce_weight
     per_token = torch.zeros_like(mask, dtype=torch.float32)
-    if loss.kind != "cross_entropy":
+    if loss.kind == "sampled_reverse_kl":
+        if target_tokens is None or teacher_token_logprob is None or sampled is None:
+            raise ValueError("sampled_reverse_kl needs target_tokens, teacher_token_logprob and sampled")
+        per_token = sampled_reverse_kl(student_logits, target_tokens, teacher_token_logprob, sampled & mask,
+                                       loss.estimator)
+        if loss.forward_kl_weight > 0:
+            teacher, student = bucket_logprobs(student_logits, teacher_ids, teacher_logprobs)
+            per_token = per_token + loss.forward_kl_weight * _kl(teacher, student)
+    elif loss.kind != "cross_entropy":
         teacher, student = bucket_logprobs(student_logits, teacher_ids, teacher_logprobs)
         per_token = token_divergence(teacher, student, loss)
     if ce_weight > 0:

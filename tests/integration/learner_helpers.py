@@ -61,8 +61,11 @@ def make_batch(teacher, seed: int, prompt_lengths, response_lengths, k: int = 8)
     topk = topk_from_logprobs(np.take_along_axis(logprobs, predicting[..., None], axis=1), targets, k)
     topk.mask[...] = np.arange(resp)[None] < response_lengths[:, None]
     topk.logprobs[~topk.mask] = -np.inf
+    # Who wrote each token: the student (0) at even positions, the teacher (1) at odd ones
+    # (sampled_reverse_kl reads it).
+    writer = (np.arange(resp)[None] % 2).astype(np.int8).repeat(rows, 0)
     return TrainBatch(tokens=tokens.astype(np.int64), prompt_lengths=prompt_lengths,
-                      response_lengths=response_lengths, teacher=topk)
+                      response_lengths=response_lengths, teacher=topk, writer=writer)
 
 
 def reference_loss(model, batch: TrainBatch, loss: LossConfig) -> float:
@@ -78,7 +81,7 @@ def reference_loss(model, batch: TrainBatch, loss: LossConfig) -> float:
         targets[b, :r] = seq[0, p:]
     t = batch.teacher
     return float(distillation_loss(logits, torch.tensor(t.ids), torch.tensor(t.logprobs), torch.tensor(t.mask),
-                                   loss, targets))
+                                   loss, targets, torch.tensor(t.token_logprob), torch.tensor(batch.writer == 0)))
 
 
 def model_with(state: dict, like_dir) -> LlamaForCausalLM:

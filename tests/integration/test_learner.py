@@ -58,8 +58,10 @@ def test_engine_loss_equals_pure_loss_for_every_kind(student_dir, teacher):
     rank = LearnerRank(0, LearnerConfig(world_size=1, zero_stage=2, optimizer="sgd", lr=0.5, micro_batch_size=8))
     rank.setup(*rank.address(), student_dir)
     try:
-        data = batches(teacher, len(LOSS_KINDS) + 1)
-        kinds = [LossConfig(kind=k) for k in LOSS_KINDS] + [LossConfig(kind="jsd", beta=0.3, ce_weight=0.5)]
+        data = batches(teacher, len(LOSS_KINDS) + 3)
+        kinds = [LossConfig(kind=k) for k in LOSS_KINDS] + [
+            LossConfig(kind="jsd", beta=0.3, ce_weight=0.5), LossConfig(kind="sampled_reverse_kl"),
+            LossConfig(kind="sampled_reverse_kl", estimator="k1", forward_kl_weight=0.5)]
         losses = []
         for batch, loss in zip(data, kinds):
             expected = reference_loss(model_with(rank.full_state(), student_dir), batch, loss)
@@ -69,6 +71,11 @@ def test_engine_loss_equals_pure_loss_for_every_kind(student_dir, teacher):
             assert got["grad_norm"] > 0 and got["tokens_per_s"] > 0
             losses.append(got["loss"])
         assert min(losses) > 1e-3  # the comparison is not between zeros
+
+        unknown = data[0]
+        unknown.teacher.token_logprob[:, 0] = np.nan  # student-written (as lockstep leaves an unlisted token)
+        with pytest.raises(ValueError, match="the teacher.s logprob of 8 of 22 student-written tokens is unknown"):
+            rank.train_step(unknown, kinds[-1])
 
         bad = data[0]
         bad.teacher.mask[0, :] = True  # row 0 has a 1-token response

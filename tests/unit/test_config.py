@@ -60,6 +60,15 @@ def test_cross_field_checks():
         load_config(None, ["policy.name=skd", "rollout.top_k=10"])
     cfg = load_config(None, ["rollout.top_k=50"])
     assert cfg.services.teacher.max_logprobs == 50 and cfg.services.student.max_logprobs == 50
+    sampled = ["loss.kind=sampled_reverse_kl", "policy.name=on_policy"]
+    with pytest.raises(ConfigError, match="sampled_reverse_kl needs the teacher's logprob of every student token"):
+        load_config(None, [*sampled, "rollout.strategy=lockstep"])
+    with pytest.raises(ConfigError, match="policy 'teacher' writes none"):
+        load_config(None, [*sampled, "policy.name=teacher", "rollout.strategy=draft_verify"])
+    with pytest.raises(ConfigError, match="loss.forward_kl_weight: only read by kind sampled_reverse_kl"):
+        load_config(None, ["loss.forward_kl_weight=0.5"])
+    cfg = load_config(None, [*sampled, "rollout.strategy=draft_verify", "loss.estimator=k1", "loss.forward_kl_weight=0.1"])
+    assert (cfg.loss.estimator, cfg.loss.forward_kl_weight) == ("k1", 0.1)
 
 
 def test_file_errors_name_the_file(tmp_path):

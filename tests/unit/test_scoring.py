@@ -1,7 +1,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from orchestrator.scoring import exact_match, extract_answer, lcs_length, rouge_l, score_batch
+from orchestrator.scoring import exact_match, extract_answer, lcs_length, rouge_l, rouge_l_whitespace, score_batch
 
 
 def reference_lcs(a, b):
@@ -31,15 +31,25 @@ def test_lcs_matches_double_loop(a, b):
     assert lcs_length(a, b) == reference_lcs(a, b)
 
 
-def test_rouge_l_values():
-    assert rouge_l("a b c d", "a b c d") == 1.0
-    assert rouge_l("x y", "a b") == 0.0
+def test_rouge_l_whitespace_values():
+    assert rouge_l_whitespace("a b c d", "a b c d") == 1.0
+    assert rouge_l_whitespace("x y", "a b") == 0.0
     # lcs 2, precision 2/2, recall 2/4 -> F1 = 2/3
-    assert rouge_l("a c", "a b c d") == pytest.approx(2 / 3)
-    assert rouge_l("", "a b") == 0.0
-    assert rouge_l("", "") == 1.0
+    assert rouge_l_whitespace("a c", "a b c d") == pytest.approx(2 / 3)
+    assert rouge_l_whitespace("", "a b") == 0.0
+    assert rouge_l_whitespace("", "") == 1.0
     # whitespace tokens: newlines and repeated spaces are separators
-    assert rouge_l("a\nb  c", "a b c") == 1.0
+    assert rouge_l_whitespace("a\nb  c", "a b c") == 1.0
+
+
+def test_rouge_l_is_rouge_score_with_stemming():
+    assert rouge_l("a c", "a b c d") == pytest.approx(2 / 3)  # the same LCS F-measure on plain words
+    assert rouge_l("The cats were Running", "the cat was run") == pytest.approx(3 / 4)  # lowercased, stemmed
+    assert rouge_l_whitespace("The cats were Running", "the cat was run") == 0.0
+    # punctuation and operators are not tokens: only letters and digits count
+    assert rouge_l("Step 1: 12 + 3 = 15\nAnswer: 15", "step 1 12 3 15 answer 15") == 1.0
+    assert rouge_l_whitespace("Step 1: 12 + 3 = 15\nAnswer: 15", "step 1 12 3 15 answer 15") == pytest.approx(0.5)  # LCS 4 of 9 and 7
+    assert rouge_l("", "a b") == 0.0 and rouge_l("", "") == 0.0  # rouge-score scores an empty pair 0
 
 
 def test_extract_answer():
@@ -66,6 +76,7 @@ def test_score_batch():
     assert result["n"] == 3
     assert result["exact_match"] == pytest.approx(1 / 3)
     assert result["rouge_l"] == pytest.approx((1.0 + 2 / 3 + 0.0) / 3)
+    assert result["rouge_l_whitespace"] == pytest.approx((1.0 + 2 / 3 + 0.0) / 3)
     assert score_batch([], [], [])["n"] == 0
     with pytest.raises(ValueError):
         score_batch(["a"], [], ["a"])
