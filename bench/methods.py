@@ -234,6 +234,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--common-loss", default=None, help="every method with this loss instead of its paper's")
     parser.add_argument("--grid", action="store_true", help="the sensitivity grid on the validation split")
+    parser.add_argument("--split", choices=["validation", "test"], default=None,
+                        help="evaluate on this split (default: test; validation with --grid)")
     parser.add_argument("--tokens", type=int, default=6000, help="response tokens each run trains on")
     parser.add_argument("--prompts", type=int, default=16, help="prompts per step")
     parser.add_argument("--cold", action="store_true", help="start every method from the cold student (no SFT warm-up)")
@@ -244,12 +246,12 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="run everything again (default: keep finished runs with the same settings)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value for every run")
     args = parser.parse_args()
-    split = "validation" if args.grid else "test"
+    split = args.split or ("validation" if args.grid else "test")
+    base = ["resume=false", "schedule.steps=1000", f"rollout.prompts_per_step={args.prompts}",
+            "schedule.checkpoint_every=1000000", "schedule.eval_examples=400", "ray.dashboard=false"]
     # k = 25 for every method: SKD's rule needs the teacher's top-25 (its paper's K).
-    common = ["resume=false", "schedule.steps=1000", "rollout.top_k=25",
-              f"rollout.prompts_per_step={args.prompts}", f"schedule.eval_every={args.eval_every or 1000000}",
-              "schedule.checkpoint_every=1000000", f"data.eval_split={split}", "schedule.eval_examples=400",
-              "ray.dashboard=false", *args.overrides]
+    common = [*base, "rollout.top_k=25", f"schedule.eval_every={args.eval_every or 1000000}",
+              f"data.eval_split={split}", *args.overrides]
 
     cfg = load_config(args.config, common)
     connect_ray(cfg)
@@ -269,13 +271,15 @@ def main() -> None:
         methods = [m for m in args.methods if not (args.common_loss and m == "sampled_kl")]  # a loss, not a policy
         plan = [(*method_overrides(m, args.common_loss), seed) for m in methods for seed in args.seeds]
     start = "cold" if args.cold else f"warm{args.warmup_tokens}"
-    out = Path(args.out) / start / ("grid" if args.grid else f"loss-{args.common_loss or 'paper'}")
+    out = Path(args.out) / start / ("grid" if args.grid else f"loss-{args.common_loss or 'paper'}-{split}")
     results: dict[str, list[dict]] = {}
     try:
         if not args.cold:
             # The SFT warm-up, once (kept like any finished run); every method then starts from it.
-            warm_overrides = [*common, "method=sft", "loss.kind=cross_entropy", "sft.format=answer_only",
-                              f"schedule.max_train_tokens={args.warmup_tokens}", "schedule.eval_every=1000000", "seed=0"]
+            # Its settings do not depend on the split or the curve: one warm-up serves every bench.
+            warm_overrides = [*base, *args.overrides, "method=sft", "loss.kind=cross_entropy", "sft.format=answer_only",
+                              f"schedule.max_train_tokens={args.warmup_tokens}", "schedule.eval_every=1000000",
+                              "data.eval_split=validation", "seed=0"]
             warm = run_or_keep(args, f"warmup-sft-{args.warmup_tokens}", warm_overrides, services, Path(args.out))
             print(f"warm start: {warm['after']['all']} after {warm['train_tokens']} SFT tokens", flush=True)
             common = [*common, f"models.student={Path(args.out).resolve() / warm['name'] / 'student'}"]

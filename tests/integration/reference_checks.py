@@ -55,19 +55,17 @@ def choose_rules(pair: Pair, policies: list[str] = POLICIES) -> dict:
     whose greedy token the teacher never ranks in its top 20 leaves the teacher every token: the
     test then still checks that path). The chosen rules' reference rollouts are kept in
     ``pair.references``."""
-    on_policy, teacher = run_reference(pair, Rule("on_policy")), run_reference(pair, Rule("teacher"))
-    jsd = np.concatenate(on_policy.exact_jsd)
-    candidates = {
-        "switch": [Rule("switch", tau0=float(np.quantile(jsd, q)), decay=0.0) for q in (0.5, 0.75, 0.9, 0.97, 0.25)],
-        "adaswitch": [Rule("adaswitch", window=4, factor=2.0)],
-        "skd": [Rule("skd", skd_top_k=k) for k in dict.fromkeys([3, median_student_rank(teacher) + 1])],
-    }
-    pair.references = {"on_policy": on_policy, "teacher": teacher}
     rules = {"on_policy": Rule("on_policy"), "teacher": Rule("teacher")}
-    for name, tries in candidates.items():
-        if name not in policies:
-            continue
-        shares = []
+    pair.references = {name: run_reference(pair, rules[name]) for name in rules if name in policies or name == "on_policy"}
+    jsd = np.concatenate(pair.references["on_policy"].exact_jsd)
+    candidates = {
+        "switch": lambda: [Rule("switch", tau0=float(np.quantile(jsd, q)), decay=0.0) for q in (0.5, 0.75, 0.9, 0.97, 0.25)],
+        "adaswitch": lambda: [Rule("adaswitch", window=4, factor=2.0)],
+        "skd": lambda: [Rule("skd", skd_top_k=k) for k in dict.fromkeys(
+            [3, median_student_rank(pair.references.get("teacher") or run_reference(pair, Rule("teacher"))) + 1])],
+    }
+    for name in [p for p in candidates if p in policies]:
+        tries, shares = candidates[name](), []
         for rule in tries:
             ref = run_reference(pair, rule)
             shares.append(float(np.concatenate(ref.writer).mean()))
