@@ -33,7 +33,7 @@ GAUGES = {
     "weight_version": "Student weight version served by the rollout worker",
     "policy_lag": "Steps between the weights that rolled a batch out and the weights it trains",
     "eval_exact_match": "Exact match of the final answer on the held-out split (student, greedy)",
-    "eval_rouge_l": "Rouge-L F1 on the held-out split (student, greedy)",
+    "eval_rouge_l": "Rouge-L F (rouge-score, stemmed) on the held-out split (student, greedy)",
     "step": "Training step",
     "attribution_rows_per_second": "Rows per second through the attribution stage (rationale method)",
     "attribution_progress": "Share of the attribution stage's shards finished (rationale method)",
