@@ -104,7 +104,8 @@ class RolloutBuffer:
             tokens=tokens,
             prompt_lengths=self.prompt_lengths.copy(),
             response_lengths=self.length.copy(),
-            writer=np.where(written, self.writer, STUDENT).astype(np.int8),
+            # Both cut to the longest response: writer and teacher are [B, R] alike.
+            writer=np.where(written, self.writer, STUDENT).astype(np.int8)[:, : int(self.length.max())],
             teacher=self.teacher[:, : int(self.length.max())],
             policy_version=np.full(n, policy_version, dtype=np.int64),
             stats=self.stats(),
