@@ -130,7 +130,7 @@ def near_ties(pair: Pair, ref, row: int, rule: Rule) -> np.ndarray:
     greedy argmax whose runner-up is within NOISE, or a divergence within NOISE plus the estimate's
     measured error of its threshold."""
     p, q = torch.from_numpy(ref.teacher_logprobs[row]), torch.from_numpy(ref.student_logprobs[row])
-    gap = lambda lp: (lp.topk(2, -1).values[:, 0] - lp.topk(2, -1).values[:, 1]).numpy()  # noqa: E731
+    gap = lambda lp: -lp.topk(2, -1).values.diff(dim=-1)[:, 0].numpy()  # noqa: E731  best minus runner-up
     tie = (gap(p) < NOISE) | (gap(q) < NOISE)
     if rule.name == "switch":
         tie |= np.abs(ref.exact_jsd[row] - rule.tau0) < NOISE + estimate_error(pair, ref, row, "jsd")

@@ -4,10 +4,10 @@ The conversion to a Hugging Face directory is exact (same logits) and keeps the 
 and the end-of-turn token; the instruct model served by vLLM stops at that token; with the
 instruct model as the teacher and its pruned student (6 of 30 layers, tied head, cold), both of
 switchkd's strategies write what the independent reference writes (tests/reference_rollout.py,
-full 49,152-token vocabulary) for on_policy and AdaSwitch (the others: see SMOLLM2_POLICIES) except where the top-500 estimate's measured error or numerical noise can flip
-the reference's decision; the student trained by the DeepSpeed learner (ZeRO-3,
-two ranks) and pushed into its vLLM service scores exactly as the learner's weights do, tied
-head included.
+full 49,152-token vocabulary) for on_policy and AdaSwitch (the others: see SMOLLM2_POLICIES),
+except where the top-500 estimate's measured error or numerical noise can flip the reference's
+decision; the student trained by the DeepSpeed learner (ZeRO-3, two ranks) and pushed into its
+vLLM service scores exactly as the learner's weights do, tied head included.
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ SMOLLM2_POLICIES = ["on_policy", "adaswitch"]
 
 @pytest.fixture(scope="module")
 def smollm2_pair(smollm2, pools):
-    """Task prompts in the chat format; switchkd decides SWITCH and AdaSwitch on top-500 lists (the
+    """Task prompts in the chat format; switchkd decides AdaSwitch on top-500 lists (the
     setting README recommends for a real vocabulary: whole-vocabulary replies at every scored
     position took this 24 GB node past Ray's memory threshold)."""
     tok, d = smollm2["tokenizer"], smollm2["dir"]
