@@ -127,18 +127,18 @@ def learner_figures(cfg, student, batch, rollout_s: float) -> None:
         steps = []
         for version in (1, 2):  # the first step also builds the optimizer state: the second is reported
             trained = group.train_step(batch.for_learner())
-            pushed = push_weights(group, student, version)
+            pushed = push_weights(group, student, version, cfg.learner.push_bucket_mb)
             steps.append((trained, pushed))
         trained, pushed = steps[-1]
     finally:
         group.shutdown()
-    push_s = pushed["gather_s"] + pushed["pack_s"] + pushed["load_s"]
+    push_s = pushed["push_s"]
     step_s = rollout_s + trained["seconds"] + push_s
     print(f"\nlearner ({cfg.learner.world_size} rank(s), ZeRO-{cfg.learner.zero_stage}): "
           f"{int(batch.response_lengths.sum())} response tokens in {trained['seconds']:.2f}s = "
           f"{trained['tokens_per_s']:.0f} train tok/s (first step {steps[0][0]['tokens_per_s']:.0f})")
-    print(f"weight push: {push_s:.2f}s for {pushed['bytes'] / 2**20:.0f} MiB (gather {pushed['gather_s']:.2f}s, "
-          f"pack {pushed['pack_s']:.2f}s, load into vLLM {pushed['load_s']:.2f}s)")
+    print(f"weight push: {push_s:.2f}s for {pushed['bytes'] / 2**20:.0f} MiB in {pushed['buckets']} bucket(s) "
+          f"(gather, pack and load into vLLM overlap)")
     print(f"one step (draft-verify rollout {rollout_s:.2f}s + train {trained['seconds']:.2f}s + push {push_s:.2f}s "
           f"= {step_s:.2f}s): rollout {rollout_s / step_s:.1%}, train {trained['seconds'] / step_s:.1%}, "
           f"push {push_s / step_s:.1%}")

@@ -198,6 +198,7 @@ class SftConfig:
     batch_size: int = 16  # rows per forward/backward in a worker
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per worker
     max_restarts: int = 3  # of a crashed worker; its shard is sent again
 
     def __post_init__(self) -> None:
@@ -220,6 +221,13 @@ class RayConfig:
     # Joining a cluster that cannot hold every actor fails at once, naming what is missing;
     # true waits instead (an autoscaling cluster adds nodes on demand).
     wait_for_resources: bool = False
+    # How long a placement group (the learner ranks, an engine split over GPUs) may wait for nodes
+    # with its resources before the run stops with an error naming them.
+    node_wait_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.node_wait_s <= 0:
+            raise ValueError(f"node_wait_s: must be > 0, got {self.node_wait_s}")
 
 
 @dataclass
@@ -245,6 +253,10 @@ class RunConfig:
     sft: SftConfig = field(default_factory=SftConfig)
 
     def __post_init__(self) -> None:
+        for role, resources in (("services.teacher", self.services.teacher.resources),
+                                ("services.student", self.services.student.resources),
+                                ("learner", self.learner.resources), ("sft", self.sft.resources)):
+            check_custom_resources(role, resources)
         if self.method == "sft" and self.loss.kind != "cross_entropy":
             raise ValueError(f"loss.kind: method sft trains on fixed text and needs loss.kind=cross_entropy, "
                              f"got {self.loss.kind!r}")
@@ -295,6 +307,16 @@ class RunConfig:
         self.data.data_files = {split: local(path) for split, path in self.data.data_files.items()}
         if self.sft.cache_dir is not None:
             self.sft.cache_dir = local(self.sft.cache_dir)
+
+
+def check_custom_resources(role: str, resources: dict) -> None:
+    """A role's custom Ray resources: names other than Ray's own (those have their keys), amounts > 0."""
+    for name, amount in resources.items():
+        if name in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ValueError(f"{role}.resources: {name} has its own key ({role}.num_cpus / num_gpus); "
+                             "name only custom resources here")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
+            raise ValueError(f"{role}.resources.{name}: must be a number > 0, got {amount!r}")
 
 
 # What a checkpoint's run must share with the run that resumes it: the student's shape and

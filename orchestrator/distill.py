@@ -34,11 +34,12 @@ def distill(cfg: RunConfig, services: tuple | None = None) -> Path:
     if services is not None:
         (teacher, student), pools = services, []  # the caller's: not ended here
     else:
-        teacher = start_service("teacher", cfg.models.teacher, cfg.services.teacher, eos, cfg.seed, wait=False)
+        teacher = start_service("teacher", cfg.models.teacher, cfg.services.teacher, eos, cfg.seed, wait=False,
+                                wait_s=cfg.ray.node_wait_s)
         student = start_service("student", cfg.models.student, cfg.services.student, eos, cfg.seed,
-                                fresh_kept_weights(run_dir), wait=False)
+                                fresh_kept_weights(run_dir), wait=False, wait_s=cfg.ray.node_wait_s)
         pools = [teacher, student]
-    learner = start_learner(cfg.models.student, cfg.learner, cfg.loss, cfg.schedule.steps)
+    learner = start_learner(cfg.models.student, cfg.learner, cfg.loss, cfg.schedule.steps, cfg.ray.node_wait_s)
     for pool in pools:
         pool.wait_ready()
 

@@ -35,9 +35,9 @@ def sft(cfg: RunConfig, student=None) -> Path:
     reused_student, pools = student is not None, []
     if student is None:
         student = start_service("student", cfg.models.student, cfg.services.student, tokenizer.eos_token_id,
-                                cfg.seed, fresh_kept_weights(run_dir), wait=False)
+                                cfg.seed, fresh_kept_weights(run_dir), wait=False, wait_s=cfg.ray.node_wait_s)
         pools = [student]
-    learner = start_learner(cfg.models.student, cfg.learner, cfg.loss, cfg.schedule.steps)
+    learner = start_learner(cfg.models.student, cfg.learner, cfg.loss, cfg.schedule.steps, cfg.ray.node_wait_s)
     for pool in pools:
         pool.wait_ready()
     metrics.event("started", {"method": "sft", "format": cfg.sft.format,

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from orchestrator.config import ConfigError, RunConfig, resume_conflicts, save_config, to_dict
 from orchestrator.data import Examples, load_split
 from orchestrator.evaluate import evaluate
-from orchestrator.launcher import start_learner
+from orchestrator.launcher import check_run_dir_shared, start_learner
 from orchestrator.metrics import RunMetrics, read_records, rollout_record, step_records
 from orchestrator.models import check_pair
 from orchestrator.report import write_report
@@ -112,15 +112,29 @@ def batch_rows(n_examples: int, cursor: int, size: int, seed: int) -> tuple[np.n
     return indices, samples
 
 
-def push_weights(learner, student, version: int) -> dict:
-    """The learner's weights into the student pool as ``version`` (the run's numbering): rank 0
-    packs them, the blob goes from the object store to the engines. Seconds per stage and bytes."""
+class PushError(RuntimeError):
+    """The student replicas named in the message could not load a weight version."""
+
+
+def push_weights(learner, student, version: int, bucket_mb: float = 256.0, retries: int = 2) -> dict:
+    """The learner's weights into the student pool as ``version`` (the run's numbering), streamed
+    in buckets of at most ``bucket_mb`` MiB: rank 0 packs a bucket while the engines load the one
+    before. A replica that dies on the way is pushed again once Ray has brought it back (at most
+    ``retries`` times; then PushError names it). Seconds, bytes and buckets."""
     started = time.perf_counter()
-    blob, timings = learner.packed_weights()
-    loading = time.perf_counter()
-    student.load_weights(blob, version)
-    done = time.perf_counter()
-    return {**timings, "load_s": done - loading, "push_s": done - started}
+    bucket_bytes = int(bucket_mb * 2**20)
+    pushed = student.load_weight_buckets(learner.weight_buckets(bucket_bytes), version)
+    failed = pushed["failed"]
+    for _ in range(retries):
+        if not failed:
+            break
+        for replica in failed:
+            student.wait_until_serving(replica)
+        failed = student.load_weight_buckets(learner.weight_buckets(bucket_bytes), version, failed)["failed"]
+    if failed:
+        raise PushError(f"student replica(s) {', '.join(map(str, failed))} died during every push of weight "
+                        f"version {version} ({1 + retries} tries)")
+    return {"push_s": time.perf_counter() - started, "bytes": pushed["bytes"], "buckets": pushed["buckets"]}
 
 
 # -- the loop ----------------------------------------------------------------------------------------
@@ -158,7 +172,7 @@ class TrainingLoop:
     def push(self, version: int, optimizer_steps: int) -> float:
         """The learner's weights (``optimizer_steps`` steps trained) into the student pool as
         ``version``; seconds it took."""
-        seconds = push_weights(self.learner, self.student, version)["push_s"]
+        seconds = push_weights(self.learner, self.student, version, self.cfg.learner.push_bucket_mb)["push_s"]
         self.version = version
         self.steps_in_version[version] = optimizer_steps
         return seconds
@@ -167,6 +181,8 @@ class TrainingLoop:
         """Resume from the latest checkpoint (``resume: true``), or give a student pool reused
         from an earlier run this run's starting weights (it may serve another run's, or another
         model's of the same architecture: bench/methods.py's warm start)."""
+        check_run_dir_shared(self.run_dir, {**{f"student replica {i}": a for i, a in enumerate(self.student.actors)},
+                                            **{f"learner rank {r}": a for r, a in enumerate(self.learner.ranks)}})
         state = self.learner.load_latest_checkpoint(str(self.run_dir)) if self.cfg.resume else None
         if state is not None:
             self.step, self.cursor = state["step"], state["cursor"]
@@ -208,10 +224,14 @@ class TrainingLoop:
         tokens = int(batch.response_lengths.sum())
         last = self.step + 1 == schedule.steps or self.trained_tokens + tokens >= (schedule.max_train_tokens or np.inf)
         rolled_out_by = self.steps_in_version.get(int(batch.policy_version.min()))
+        push_failed = None
         try:
             trained = self.learner.train_step(batch.for_learner())
             if (self.step + 1) % schedule.push_every == 0 or last:
-                record["push_seconds"] = self.push(self.version + 1, self.step + 1)
+                try:
+                    record["push_seconds"] = self.push(self.version + 1, self.step + 1)
+                except PushError as err:
+                    push_failed = err
         except ray.exceptions.RayActorError as err:
             self.recover_learner(err)
             return False
@@ -227,6 +247,17 @@ class TrainingLoop:
         record["weight_version"] = self.version
         if self.teacher is not None:
             record["teacher_replica_calls"] = self.teacher.calls_per_replica.tolist()
+        if push_failed is not None:
+            # Nothing trained is lost: the step's weights are checkpointed as the next version
+            # (a resumed run pushes them as that version first), the step is logged, the run stops.
+            self.version += 1
+            self.steps_in_version[self.version] = self.step
+            record["weight_version"] = self.version
+            record["checkpoint_seconds"] = self.save_checkpoint()
+            self.metrics.event("push_failed", {"step": self.step, "weight_version": self.version,
+                                               "error": str(push_failed)})
+            self.metrics.log(record)
+            raise push_failed
         # A stop skips the eval: the job has seconds before SIGKILL, and the checkpoint comes first.
         if (self.step % schedule.eval_every == 0 or last) and not self.stop.requested:
             record.update(self.evaluate(self.step))
@@ -266,7 +297,8 @@ class TrainingLoop:
             raise RuntimeError(f"learner rank(s) {dead} died; gave up after "
                                f"learner.max_restarts={self.cfg.learner.max_restarts} restarts") from err
         self.learner.shutdown(graceful=False)
-        self.learner = start_learner(self.cfg.models.student, self.cfg.learner, self.cfg.loss, self.cfg.schedule.steps)
+        self.learner = start_learner(self.cfg.models.student, self.cfg.learner, self.cfg.loss, self.cfg.schedule.steps,
+                                     self.cfg.ray.node_wait_s)
         state = self.learner.load_latest_checkpoint(str(self.run_dir))
         self.step, self.cursor = (state["step"], state["cursor"]) if state else (0, 0)
         self.trained_tokens = self._tokens_trained_up_to(self.step)

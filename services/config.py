@@ -27,6 +27,10 @@ class EngineConfig:
     # Ray resources per replica: GPU clusters set num_gpus = tensor_parallel_size.
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    # Custom Ray resources each replica needs besides CPUs/GPUs, e.g. {teacher_node: 1}: the
+    # replicas then run only on nodes started with that resource (`ray start --resources`), which
+    # is how a role is tied to a node group (README "On a cluster").
+    resources: dict[str, float] = field(default_factory=dict)
     # Faults. A call part unanswered after request_timeout_s (null: wait forever) counts as hung:
     # its replica is killed (Ray restarts it) and the part is sent again, at most request_retries
     # times, as is a part whose replica died. Ray restarts a dead replica up to max_restarts times.
@@ -48,3 +52,7 @@ class EngineConfig:
             raise ValueError("request_retries / max_restarts: must be >= 0")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError("num_cpus / num_gpus: must be >= 0")
+        if self.num_gpus > 0 and self.tensor_parallel_size > 1 and self.num_gpus != self.tensor_parallel_size:
+            raise ValueError(f"num_gpus: an engine split over GPUs (tensor_parallel_size "
+                             f"{self.tensor_parallel_size}) takes one GPU per worker, got num_gpus {self.num_gpus}")
+

@@ -5,11 +5,13 @@ teacher holds the pen; the teacher generates when it drafts), so one class serve
 
     score(sequences, response_starts, k)    one prefill per sequence (prompt_logprobs = k)
     generate(prefixes, max_new_tokens, k, temperature, top_k, seeds)
-    load_weights(blob, version)             new weights in place, prefix cache reset
+    begin_weights(version); load_bucket(blob)...; end_weights(version)
+                                            new weights in place, streamed bucket by bucket
+    load_weights(blob, version)             the same with one bucket
 
-With ``weights_dir`` set, every load also leaves the blob there (``v000007.safetensors``), and an
-engine starting up loads the newest one before it serves: a replica Ray restarts after a crash
-comes back at the latest weight version, never at the base weights.
+With ``weights_dir`` set, every load also leaves its buckets there (``v000007/part-00000.safetensors``
+...), and an engine starting up loads the newest complete version before it serves: a replica Ray
+restarts after a crash comes back at the latest weight version, never at the base weights.
 
 Requests go in as token ids (no tokenizer in the engine: teacher and student share one, and the
 coordinator owns it). Results come back as padded numpy arrays (TopK) plus the weight version
@@ -22,13 +24,14 @@ engine process.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from protocol.files import write_atomic
+from protocol.files import fsync_dir, write_atomic
 from protocol.topk import PAD_ID, TopK
 from services.config import EngineConfig
 from services.convert import fill_topk, flat_to_arrays
@@ -84,6 +87,7 @@ class ModelService:
 
         self._on_cpu = current_platform.is_cpu()
         self._step_token_budget = self.engine.vllm_config.scheduler_config.max_num_batched_tokens
+        self._incoming: dict | None = None  # the streamed weight load in progress
         self.weights_dir = Path(weights_dir) if weights_dir else None
         if self.weights_dir is not None:
             self._load_kept_weights()
@@ -167,34 +171,72 @@ class ModelService:
         done = time.perf_counter()
         return GenerateResult(tokens, lengths, finished_eos, topk, self.version, errors, done - started, done - convert_started)
 
-    def load_weights(self, blob: bytes, version: int) -> int:
-        """Replace the weights (a safetensors blob of the HF state dict) and record ``version``."""
+    def begin_weights(self, version: int) -> None:
+        """Open a streamed load of weight ``version``: its buckets follow (``load_bucket``), then
+        ``end_weights``. No request is served until then. A stream left open by a push cut short
+        is closed first; its partial load is overwritten by this one."""
         if version <= self.version:
             raise ValueError(f"{self.name}: weight version {version} is not newer than the loaded {self.version}")
-        self._apply_weights(blob, version)
+        if self._incoming is not None:
+            self._close_stream()
+        self.engine.collective_rpc("begin_weight_stream")
+        staging = None
         if self.weights_dir is not None:
-            self._keep_weights(blob, version)
+            staging = self.weights_dir / f".v{version:06d}.incoming"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self._incoming = {"version": version, "parts": 0, "staging": staging}
+
+    def load_bucket(self, blob: bytes) -> int:
+        """One bucket (a safetensors blob of some of the HF state dict's tensors) into the open
+        load; returns its size in bytes."""
+        if self._incoming is None:
+            raise ValueError(f"{self.name}: load_bucket without begin_weights")
+        self.engine.collective_rpc("feed_weight_bucket", args=(blob,))
+        if self._incoming["staging"] is not None:
+            write_atomic(self._incoming["staging"] / f"part-{self._incoming['parts']:05d}.safetensors", blob)
+        self._incoming["parts"] += 1
+        return len(blob)
+
+    def end_weights(self, version: int) -> int:
+        """Close the load of ``version`` (every bucket was sent): the engine serves it from now."""
+        if self._incoming is None or self._incoming["version"] != version:
+            raise ValueError(f"{self.name}: end_weights({version}) without its begin_weights")
+        staging = self._incoming["staging"]
+        self._close_stream()
+        self.engine.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        self.version = version
+        if staging is not None:  # the complete version replaces the kept one
+            kept = staging.with_name(f"v{version:06d}")
+            os.replace(staging, kept)
+            fsync_dir(kept.parent)
+            for old in self.weights_dir.glob("v*"):
+                if old != kept:
+                    shutil.rmtree(old, ignore_errors=True)
         return version
 
-    def _apply_weights(self, blob: bytes, version: int) -> None:
-        self.engine.collective_rpc("load_safetensors", args=(blob,))
-        # Cached KV blocks were computed with the old weights.
-        self.engine.reset_prefix_cache()
-        self.version = version
+    def load_weights(self, blob: bytes, version: int) -> int:
+        """Replace the weights with one blob (the whole HF state dict) as ``version``."""
+        self.begin_weights(version)
+        self.load_bucket(blob)
+        return self.end_weights(version)
 
-    def _keep_weights(self, blob: bytes, version: int) -> None:
-        """Write the blob as v<version>.safetensors (atomically) and drop older ones."""
-        self.weights_dir.mkdir(parents=True, exist_ok=True)
-        path = write_atomic(self.weights_dir / f"v{version:06d}.safetensors", blob)
-        for old in self.weights_dir.glob("v*.safetensors"):
-            if old != path:
-                old.unlink(missing_ok=True)
+    def _close_stream(self) -> None:
+        self._incoming = None
+        self.engine.collective_rpc("finish_weight_stream")
 
     def _load_kept_weights(self) -> None:
-        """The newest blob ``_keep_weights`` left (a restart of this replica), if any."""
-        kept = sorted(self.weights_dir.glob("v*.safetensors"))  # zero-padded: the newest sorts last
-        if kept:
-            self._apply_weights(kept[-1].read_bytes(), int(kept[-1].stem.removeprefix("v")))
+        """The newest complete version ``end_weights`` kept (a restart of this replica), if any."""
+        kept = sorted(self.weights_dir.glob("v[0-9]*"))  # zero-padded: the newest sorts last
+        if not kept:
+            return
+        self.weights_dir, keep_to = None, self.weights_dir  # loading what is kept: nothing to write
+        version = int(kept[-1].name.removeprefix("v"))
+        self.begin_weights(version)
+        for part in sorted(kept[-1].glob("part-*.safetensors")):
+            self.load_bucket(part.read_bytes())
+        self.end_weights(version)
+        self.weights_dir = keep_to
 
     def __repr__(self) -> str:
         # Ray's dashboard and logs label an actor by its repr.
@@ -221,6 +263,9 @@ class ModelService:
 
     def _run(self, requests: dict) -> dict:
         """Run the requests through the engine; outputs by index."""
+        if self._incoming is not None:
+            raise RuntimeError(f"{self.name}: weight version {self._incoming['version']} is being loaded; "
+                               "requests wait for end_weights")
         outputs = {}
         for wave in self._waves(requests):
             outputs.update(self._run_wave(wave))
@@ -277,6 +322,9 @@ def _make_engine(model: str, cfg: EngineConfig, seed: int):
         seed=seed,
         disable_log_stats=not cfg.export_engine_metrics,
         worker_extension_cls="services.weight_sync.WeightSyncExtension",
-        **cfg.extra,
+        # Split over GPUs: vLLM's Ray executor puts one worker in each bundle of the placement
+        # group this actor runs in (orchestrator.launcher.start_service makes it).
+        **({"distributed_executor_backend": "ray"} if cfg.tensor_parallel_size > 1 and cfg.num_gpus > 0 else {})
+        | cfg.extra,
     )
     return LLMEngine.from_engine_args(args, stat_loggers=vllm_stat_loggers(cfg.export_engine_metrics))

@@ -10,10 +10,11 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 import ray
+from ray.util.placement_group import remove_placement_group
 
 from protocol.topk import PAD_ID, TopK
 
@@ -89,8 +90,9 @@ class ServicePool:
     engine serves (``wait_ready`` collects them)."""
 
     def __init__(self, actors: list, name: str = "service", request_timeout_s: float | None = None,
-                 request_retries: int = 0, ready: list | None = None):
+                 request_retries: int = 0, ready: list | None = None, placement_groups: list | None = None):
         self.actors = actors
+        self.placement_groups = placement_groups or []  # an engine split over GPUs: one per replica
         self.name = name
         self.request_timeout_s = request_timeout_s
         self.request_retries = request_retries
@@ -119,6 +121,8 @@ class ServicePool:
         """End every replica (its vLLM engine process goes with it)."""
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
+        for group in self.placement_groups:
+            remove_placement_group(group)
 
     # -- the service calls, spread over replicas --------------------------------------------
 
@@ -156,6 +160,39 @@ class ServicePool:
                 kept = self.wait_until_serving(replica)["version"]
                 versions.append(kept if kept >= version else ray.get(self.actors[replica].load_weights.remote(ref, version)))
         return versions
+
+    def load_weight_buckets(self, buckets: Iterable, version: int, replicas: Sequence[int] | None = None) -> dict:
+        """Stream weight ``version`` into ``replicas`` (default: all), bucket by bucket (blobs or
+        Ray object references to them, e.g. the learner's streamed buckets). Each bucket goes to
+        every replica at once, and the next one is taken only when the one before has loaded
+        everywhere, so at most two buckets are in flight whatever the model's size. A replica that
+        dies on the way drops out of this push (Ray brings it back at an older version): it is in
+        the result's ``failed``, for the caller to push again. Returns {failed, bytes, buckets}."""
+        live = list(range(len(self.actors)) if replicas is None else replicas)
+        failed: list[int] = []
+
+        def settle(calls: dict) -> list:
+            """The answers of ``calls`` (replica -> call); a replica that died drops out."""
+            answers = []
+            for replica, call in calls.items():
+                try:
+                    answers.append(ray.get(call))
+                except ray.exceptions.RayActorError:
+                    if replica in live:
+                        live.remove(replica)
+                        failed.append(replica)
+            return answers
+
+        settle({r: self.actors[r].begin_weights.remote(version) for r in live})
+        sizes, previous, count = [], {}, 0
+        for bucket in buckets:
+            current = {r: self.actors[r].load_bucket.remote(bucket) for r in live}
+            sizes += settle(previous)[:1]  # the bucket before has loaded everywhere (or its replica is out)
+            previous = {r: call for r, call in current.items() if r in live}
+            count += 1
+        sizes += settle(previous)[:1]
+        settle({r: self.actors[r].end_weights.remote(version) for r in live})
+        return {"failed": failed, "bytes": int(sum(sizes)), "buckets": count}
 
     def versions(self) -> list[int]:
         return [self.wait_until_serving(r)["version"] for r in range(len(self.actors))]

@@ -1,13 +1,18 @@
 """One short run of the whole pipeline on the fast embedded build, shared by the tests that read it.
 
-`submit_fast_run` runs it as users do: `ray start --head` on 127.0.0.1 (token auth on), `ray job
-submit` from the repository root, wait, then stop that head. The end-to-end tests read what it
-leaves (status, logs, the run directory, the metrics endpoint scraped while it ran), and the fault
-test compares its faulted, stopped and resumed run with it step by step: both use
-``fast_run_overrides``, so they are the same run.
+`submit_fast_run` runs it as users do on a cluster of two Ray nodes: `ray start --head` on
+127.0.0.1 (token auth on) advertising `teacher_node`, a second `ray start --address ...` advertising
+`learner_node`, `ray job submit` from the repository root with the roles placed by those resources
+(``TWO_NODES``: the teacher's replicas on the head, the student and the learner ranks on the
+other node, so top-k arrays and weight blobs cross nodes through Ray's object store), wait, then
+stop both nodes. The end-to-end tests read what it leaves (status, logs, the run directory, the
+metrics endpoint scraped while it ran, where Ray placed each actor), and the fault test compares
+its faulted, stopped and resumed run on one local node with it step by step: both use
+``fast_run_overrides``, so they are the same run, on one node and on two.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -38,6 +43,11 @@ def fast_run_overrides(build: Path, run_dir: Path) -> list[str]:
     ]
 
 
+# Where each role runs on the two-node cluster (orchestrator.launcher reads these resources).
+TWO_NODES = ["services.teacher.resources.teacher_node=1", "services.student.resources.learner_node=1",
+             "learner.resources.learner_node=1"]
+
+
 def fast_run_command(build: Path, run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "orchestrator.run", "--config", "deploy/configs/embedded-fast.yaml",
             *fast_run_overrides(build, run_dir)]
@@ -60,43 +70,71 @@ def _cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([RAY, *args], env=env, capture_output=True, text=True)
 
 
-@contextmanager
-def ray_head():
-    """A Ray head started the way an operator starts one: loopback only, token auth on.
+def _start_node(args: list[str], env: dict) -> subprocess.Popen:
+    """`ray start --block` in its own session: stopping it stops this node and nothing else
+    (`ray stop` would stop every Ray on the machine)."""
+    # Each node's dashboard agent on its own port: the default (52365) is one per machine, and a
+    # head whose agent cannot bind answers every job submission with "No available agent".
+    return subprocess.Popen([RAY, "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+                             f"--dashboard-agent-listen-port={_free_port()}", *args],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
-    `--block` keeps the head in this one process group, so stopping it stops this head and nothing
-    else (`ray stop` would stop every Ray on the machine)."""
-    dashboard, metrics = _free_port(), _free_port()
+
+def _stop_node(node: subprocess.Popen) -> None:
+    os.killpg(node.pid, signal.SIGTERM)
+    node.wait(60)
+    try:  # the GCS server can outlive its `ray start` by minutes
+        os.killpg(node.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@contextmanager
+def ray_cluster_of_two():
+    """Two Ray nodes started the way an operator starts them: loopback only, token auth on; the
+    head advertises `teacher_node`, the second node `learner_node` (TWO_NODES places the roles)."""
+    dashboard, metrics, port = _free_port(), _free_port(), _free_port()
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token",
            "RAY_metrics_report_interval_ms": "1000"}  # gauges reach the endpoint within a second
     subprocess.run([RAY, "get-auth-token", "--generate"], check=True, env=env, capture_output=True)
-    head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", f"--metrics-export-port={metrics}", f"--port={_free_port()}",
-         "--num-cpus=8", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    nodes = [_start_node(["--head", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                          f"--metrics-export-port={metrics}", f"--port={port}", "--num-cpus=4",
+                          '--resources={"teacher_node": 2}'], env)]
     try:
         address = f"http://127.0.0.1:{dashboard}"
         deadline = time.time() + 120
         while not _cli(["job", "list", "--address", address], env).returncode == 0:
-            assert head.poll() is None and time.time() < deadline, "the Ray head did not come up"
+            assert nodes[0].poll() is None and time.time() < deadline, "the Ray head did not come up"
+            time.sleep(2)
+        nodes.append(_start_node([f"--address=127.0.0.1:{port}", "--num-cpus=4", '--resources={"learner_node": 3}',
+                                  "--object-store-memory=1000000000"], env))
+        while '"learner_node"' not in _cli(["list", "nodes", "--address", address, "--detail", "--format", "json"], env).stdout:
+            assert nodes[1].poll() is None and time.time() < deadline, "the second Ray node did not join"
             time.sleep(2)
         yield {"address": address, "metrics": metrics, "env": env}
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(60)
+        for node in reversed(nodes):
+            _stop_node(node)
+
+
+def _listed(what: str, address: str, env: dict) -> list[dict]:
+    """Ray's state API (`ray list actors|nodes`), dead actors included."""
+    answer = _cli(["list", what, "--address", address, "--detail", "--format", "json", "--limit", "10000"], env)
+    assert answer.returncode == 0, answer.stderr[-2000:]
+    return json.loads(answer.stdout)
 
 
 def submit_fast_run(build: Path, run_dir: Path) -> dict:
-    """Submit the fast run from the repository root, as the README says, and wait for it.
+    """Submit the fast run from the repository root, as the README says, to two nodes, and wait.
 
     base_dir points the job (which runs in Ray's unpacked copy of the code) at this checkout's
-    cached fast build. Returns the job's status and logs, ``run_dir`` and the last scrape of Ray's
-    metrics endpoint that carried the switch rate."""
-    with ray_head() as head:
+    cached fast build. Returns the job's status and logs, ``run_dir``, the last scrape of Ray's
+    metrics endpoint that carried the switch rate, and Ray's records of the actors and nodes."""
+    with ray_cluster_of_two() as head:
         env, address = head["env"], head["address"]
         command = [RAY, "job", "submit", "--address", address, "--no-wait", "--working-dir", ".", "--",
-                   *fast_run_command(build, run_dir), f"base_dir={REPO}", f"models.embedded_dir={build.parent}"]
+                   *fast_run_command(build, run_dir), *TWO_NODES, f"base_dir={REPO}",
+                   f"models.embedded_dir={build.parent}"]
         for _ in range(30):  # a fresh head answers before its job agent is up: "No available agent"
             submit = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
             if submit.returncode == 0 or "No available agent" not in submit.stderr:
@@ -131,4 +169,6 @@ def submit_fast_run(build: Path, run_dir: Path) -> dict:
         # so it holds the baseline eval, the last step and the stage timings together.
         scraped = next((text for text in reversed(scrapes) if "ray_switchkd_teacher_fraction" in text), "")
         logs = _cli(["job", "logs", "--address", address, job_id], env).stdout
-    return {"status": status, "logs": logs, "run_dir": run_dir, "metrics_text": scraped}
+        actors, nodes = _listed("actors", address, env), _listed("nodes", address, env)
+    return {"status": status, "logs": logs, "run_dir": run_dir, "metrics_text": scraped, "actors": actors,
+            "nodes": nodes}

@@ -1,7 +1,7 @@
 """Settings of the distillation loss and of the DeepSpeed learner group."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 # cross_entropy: no teacher term, the sequence's own tokens only (SFT; the rationale method).
@@ -54,14 +54,24 @@ class LearnerConfig:
     # A rank that dies (process killed, node lost) takes the group down: the run starts a new
     # group from the last checkpoint, at most this many times.
     max_restarts: int = 3
-    # Ray resources per rank.
+    # The weight push streams the student's weights to the rollout engines in buckets of at most
+    # this many MiB (one larger tensor alone): a push needs a few buckets of extra memory on the
+    # learner's rank 0 and in each engine, whatever the model's size.
+    push_bucket_mb: float = 256.0
+    # Ray resources per rank, custom ones included (e.g. {learner_node: 1}: ranks only on nodes
+    # started with that resource). The ranks are one placement group, a bundle per rank: PACK
+    # fills as few nodes as it can, SPREAD spreads them, STRICT_* refuse to do otherwise.
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
     def __post_init__(self) -> None:
         for name in ("world_size", "micro_batch_size", "gradient_accumulation_steps", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.push_bucket_mb <= 0:
+            raise ValueError(f"push_bucket_mb: must be > 0, got {self.push_bucket_mb}")
         if self.lr <= 0:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.max_grad_norm <= 0:

@@ -7,6 +7,7 @@ orchestrator.launcher starts the rank actors; this class sets them up and drives
 from __future__ import annotations
 
 import ray
+from ray.util.placement_group import remove_placement_group
 
 from protocol.batch import TrainBatch
 from trainer import checkpoint
@@ -14,11 +15,13 @@ from trainer.config import LossConfig
 
 
 class LearnerGroup:
-    def __init__(self, ranks: list, model_path: str, loss: LossConfig):
+    def __init__(self, ranks: list, model_path: str, loss: LossConfig, placement_group=None):
         """Build the DeepSpeed engines of ``ranks`` (started LearnerRank actors, rank order) on
-        ``model_path``; blocks until every rank is ready."""
+        ``model_path``; blocks until every rank is ready. ``placement_group``: the ranks' own,
+        removed with them."""
         self.loss = loss
         self.ranks = ranks
+        self.placement_group = placement_group
         try:
             master_addr, master_port = ray.get(self.ranks[0].address.remote())
             self.info = self._all("setup", master_addr, master_port, model_path)
@@ -48,13 +51,15 @@ class LearnerGroup:
         """The full weights (HF names, CPU tensors), gathered on rank 0."""
         return self._all("export_state")
 
-    def packed_weights(self) -> tuple:
-        """The full weights gathered on rank 0 and packed as one safetensors blob: (a Ray object
-        reference to the blob, rank 0's timings). The blob stays in the object store, never in
-        this process; whoever owns the weight version hands the reference to the student pool."""
-        calls = [r.packed_weights.options(num_returns=2).remote() for r in self.ranks]
-        timings = self._wait([timing for timing, _ in calls])  # raises if a rank failed the gather
-        return calls[0][1], timings
+    def weight_buckets(self, bucket_bytes: int):
+        """Rank 0's weight buckets as Ray object references, in order, as they are packed (every
+        rank joins each gather). Ray's backpressure keeps rank 0 at most two buckets ahead of
+        the caller, so the buckets in the object store stay few whatever the model's size.
+        Raises at the end if a rank failed."""
+        streams = [r.weight_buckets.options(num_returns="streaming", _generator_backpressure_num_objects=2)
+                   .remote(bucket_bytes) for r in self.ranks]
+        yield from streams[0]
+        ray.get([stream.completed() for stream in streams])
 
     def save_checkpoint(self, run_dir: str, step: int, run_state: dict) -> str:
         """Write ``<run_dir>/checkpoints/step-N`` atomically; returns its path."""
@@ -87,9 +92,7 @@ class LearnerGroup:
     def shutdown(self, graceful: bool = True) -> None:
         """Drop the engines and end the rank actors (their process groups end with them).
         ``graceful=False`` (a rank died; the others may be stuck in a collective) just kills them."""
-        if not self.ranks:
-            return
-        if graceful:
+        if graceful and self.ranks:
             try:
                 ray.get([r.shutdown.remote() for r in self.ranks], timeout=60)
             except (ray.exceptions.RayError, TimeoutError):
@@ -97,3 +100,6 @@ class LearnerGroup:
         for r in self.ranks:
             ray.kill(r)
         self.ranks = []
+        if self.placement_group is not None:
+            remove_placement_group(self.placement_group)
+            self.placement_group = None

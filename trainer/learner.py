@@ -337,17 +337,35 @@ class LearnerRank:
             seen.add(id(tensor))
         return state
 
-    def packed_weights(self) -> tuple[dict | None, bytes | None]:
-        """(timings, the weights as one safetensors blob) on rank 0, (None, None) elsewhere; every
-        rank joins the gather. Called with two Ray returns, so the blob stays in the object store
-        and crosses processes once, to the student engines."""
-        started = time.perf_counter()
-        state = self.export_state()
-        if state is None:
-            return None, None
-        gathered = time.perf_counter()
-        blob = pack_state(state)
-        return {"gather_s": gathered - started, "pack_s": time.perf_counter() - gathered, "bytes": len(blob)}, blob
+    def weight_buckets(self, bucket_bytes: int):
+        """The weights to push, streamed (a generator; Ray streams what it yields): on rank 0 one
+        safetensors blob per bucket of parameters of at most ``bucket_bytes`` (one larger
+        parameter alone), yielded as soon as it is packed, then one of the buffers; the other
+        ranks join each bucket's gather (ZeRO-3) and yield nothing. Every ``model.state_dict()``
+        name is sent, a tied name as its own copy: vLLM's in-place reload re-creates its lm_head
+        and leaves it unloaded unless the name is there (checked against the real student
+        service), and safetensors refuses two names for one tensor."""
+        import deepspeed
+
+        module = self.engine.module
+        zero3 = self.cfg.zero_stage == 3
+        names = set(module.state_dict().keys())  # under ZeRO-3 the values are empty shards: only the names
+        names_of: dict[int, list[str]] = {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            if name in names:
+                names_of.setdefault(id(p), []).append(name)
+        params = list({id(p): p for p in module.parameters()}.values())
+        for chunk in chunk_by_bytes(params, bucket_bytes):
+            with deepspeed.zero.GatheredParameters(chunk, modifier_rank=None, enabled=zero3):
+                # copy: ZeRO-3 frees the gathered storage on exit
+                bucket = {name: p.detach().to("cpu", copy=True) for p in chunk
+                          for name in names_of.get(id(p), [])} if self.rank == 0 else {}
+            if bucket:
+                yield pack_state(bucket)
+        buffers = {name: b.detach().to("cpu", copy=True) for name, b in module.named_buffers(remove_duplicate=False)
+                   if name in names}
+        if self.rank == 0 and buffers:
+            yield pack_state(buffers)
 
     def export_hf(self, out_dir: str, tokenizer_dir: str | None = None) -> str | None:
         """Write a Hugging Face model directory (config, safetensors, tokenizer) on rank 0."""

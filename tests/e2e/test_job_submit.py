@@ -1,5 +1,6 @@
-"""The whole pipeline as users run it: `ray start --head` on 127.0.0.1, `ray job submit`, wait
-(tests/fast_run.py; the session fixture `submitted_fast_run` runs it once).
+"""The whole pipeline as users run it: a Ray cluster of two nodes on 127.0.0.1 (`ray start --head`,
+then `ray start --address ...`), `ray job submit`, wait (tests/fast_run.py; the session fixture
+`submitted_fast_run` runs it once). The teacher runs on one node, the student and learner on the other.
 
 The job must SUCCEED and leave the exported student, the report and the JSONL metrics; Ray's
 metrics endpoint (scraped over loopback while the job runs) must carry the switch rate; every
@@ -33,6 +34,23 @@ def test_job_succeeds_and_leaves_student_report_and_metrics(submitted_fast_run):
     assert all(0.0 <= r["teacher_fraction"] <= 1.0 and r["loss"] > 0 for r in steps)
     assert steps[-1]["weight_version"] == STEPS
     assert (run_dir / "checkpoints" / "latest").exists()
+
+
+def test_teacher_ran_on_one_node_student_and_learner_on_the_other(submitted_fast_run):
+    """The roles went where their resources (tests/fast_run.TWO_NODES) put them, read from Ray's
+    state API; the fault test's step-by-step comparison with a one-node run then shows the same
+    tokens and losses across nodes."""
+    advertised = {n["node_id"]: n["resources_total"] for n in submitted_fast_run["nodes"]}
+    assert len(advertised) == 2, advertised
+    where: dict[str, set] = {}
+    for actor in submitted_fast_run["actors"]:
+        role = re.match(r"(ModelService\((teacher|student)-\d+\)|LearnerRank)", actor.get("repr_name") or "")
+        if role:
+            where.setdefault(role.group(2) or "learner", set()).add(actor["node_id"])
+    assert set(where) == {"teacher", "student", "learner"}, where
+    assert len(where["teacher"]) == 1 and "teacher_node" in advertised[next(iter(where["teacher"]))]
+    assert where["student"] == where["learner"] and len(where["learner"]) == 1
+    assert "learner_node" in advertised[next(iter(where["learner"]))] and where["learner"] != where["teacher"]
 
 
 def test_metrics_endpoint_carries_a_plausible_switch_rate(submitted_fast_run):

@@ -167,8 +167,9 @@ def test_a_run_stopped_during_start_up_leaves_no_process_behind(embedded_fast, t
 def test_run_survives_killed_teacher_student_and_learner_then_stops_and_resumes(embedded_fast, submitted_fast_run,
                                                                                 tmp_path):
     """The fast run with a teacher replica, the only student replica and a learner rank killed
-    (SIGKILL), then stopped (SIGTERM) and resumed, against the same run straight through (the
-    end-to-end test's `ray job submit` run): every step trains the same batch to the same loss."""
+    (SIGKILL), then stopped (SIGTERM) and resumed on one local Ray node, against the same run
+    straight through on two nodes (the end-to-end test's `ray job submit` run): every step trains
+    the same batch to the same loss."""
     run_dir = tmp_path / "run"
     command = fast_run_command(embedded_fast, run_dir)
     marker = uuid.uuid4().hex
@@ -229,8 +230,8 @@ def test_run_survives_killed_teacher_student_and_learner_then_stops_and_resumes(
     assert all(r["policy_lag"] == 0 for r in steps), [r["policy_lag"] for r in steps]
     assert (run_dir / "student" / "model.safetensors").exists()
 
-    # Whole-run equivalence: the same run straight through (submitted with `ray job submit`, another
-    # cluster, another directory). Whatever was killed, stopped, resumed and replayed here, every
+    # Whole-run equivalence: the same run straight through (submitted with `ray job submit` to a
+    # cluster of two nodes, the teacher on one, the student and learner on the other; another directory). Whatever was killed, stopped, resumed and replayed here, every
     # step trained the very same batch (tokens, lengths and who wrote each token: the rollout
     # digest) to the same loss.
     assert "SUCCEEDED" in submitted_fast_run["status"], submitted_fast_run["logs"][-3000:]

@@ -24,6 +24,7 @@ from build.embedded import task
 
 from orchestrator.rationale.data import reference_batch
 from orchestrator.launcher import start_learner, start_service
+from orchestrator.steps import push_weights
 from trainer.config import LearnerConfig, LossConfig
 from orchestrator.text import encode_prompt, encode_response
 from protocol.weights import pack_state
@@ -124,7 +125,8 @@ def test_pushed_pruned_student_scores_like_the_learner(smollm2, pools):
             assert_topk_matches_model(before, sequences, starts, learner)
         assert_topk_matches_model(before, sequences, starts, base)  # ... and the base weights are served
 
-        pool.load_weights(group.packed_weights()[0], version=1)
+        pushed = push_weights(group, pool, version=1, bucket_mb=8)  # 10 buckets: the 49,152 x 576 embedding alone is 108 MiB
+        assert pushed["buckets"] > 2 and pushed["bytes"] > 200 * 2**20
         # fp32 both sides; vLLM's CPU kernels sum in another order than transformers' eager ones. Measured
         # 2026-12-02: the scored tokens' logprobs within 3.2e-5 (49,152-token softmax), so 1e-4 keeps a 3x margin
         # while the step moved them by more than 1e-2.

@@ -19,6 +19,7 @@ from learner_helpers import make_batch, model_with, tiny_causal_lm, tiny_llama
 from topk_checks import assert_topk_matches_model
 
 from orchestrator.launcher import start_learner, start_service
+from orchestrator.steps import push_weights
 from protocol.weights import pack_state
 from services.config import EngineConfig
 from trainer.config import LearnerConfig, LossConfig
@@ -85,12 +86,12 @@ def test_push_makes_vllm_generate_like_the_learner(ray_cluster, tmp_path, arch, 
         expected = hf_greedy(model_with(group.export_state(), exported), prefixes)
         assert expected != before  # the steps changed the greedy output, so a push that did nothing fails
 
-        blob, timing = group.packed_weights()  # a reference to rank 0's blob, and its timings
-        pool.load_weights(blob, version=1)
+        # Buckets of 64 KiB: the 0.2 MB model arrives in several, streamed from rank 0 as they are packed.
+        pushed = push_weights(group, pool, version=1, bucket_mb=1 / 16)
         after, version = vllm_greedy(pool, prefixes)
         assert after == expected
         assert version == 1 and pool.versions() == [1]
-        assert timing["bytes"] > 0 and min(timing["gather_s"], timing["pack_s"]) > 0
+        assert pushed["buckets"] > 2 and pushed["bytes"] > 0 and pushed["push_s"] > 0
         state = group.export_state()
         learner_model = model_with(state, exported)
         # The whole top-K list at every scored position, and each token's own logprob, as the learner's model gives them.

@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from orchestrator.metrics import RunMetrics, read_records, rollout_record
 from orchestrator.report import write_report
@@ -118,8 +119,8 @@ class FakeLearner:
         return {"loss": 1.0 / self.steps, "grad_norm": 0.1, "lr": 1e-3, "tokens_per_s": 1.0, "seconds": 0.0,
                 "optimizer_step": self.steps}
 
-    def packed_weights(self):
-        return f"weights after {self.steps} steps", {"gather_s": 0.0, "pack_s": 0.0, "bytes": 1}
+    def weight_buckets(self, bucket_bytes):
+        yield f"weights after {self.steps} steps"
 
     def save_checkpoint(self, run_dir, step, state):
         self.saved = state
@@ -131,8 +132,9 @@ class FakeStudentPool:
     def __init__(self):
         self.loaded = {}
 
-    def load_weights(self, blob, version):
-        self.loaded[version] = blob
+    def load_weight_buckets(self, buckets, version, replicas=None):
+        self.loaded[version] = " + ".join(buckets)
+        return {"failed": [], "bytes": 1, "buckets": 1}
 
     def take_events(self):
         return []
@@ -171,3 +173,32 @@ def test_rollout_digest_names_the_batch():
     other_writer = _batch_for_metrics()
     other_writer.writer[0, 0] = 1  # the same tokens, another writer
     assert rollout_digest(batch) != rollout_digest(other_writer)
+
+
+class FakeDyingStudentPool(FakeStudentPool):
+    """A student pool whose replica 1 dies during every push (pure logic)."""
+
+    def load_weight_buckets(self, buckets, version, replicas=None):
+        list(buckets)
+        return {"failed": [1], "bytes": 1, "buckets": 1}
+
+    def wait_until_serving(self, replica):
+        return {"version": 0}
+
+
+def test_a_push_that_cannot_complete_checkpoints_the_step_and_names_the_replica(tmp_path):
+    from orchestrator.config import load_config
+    from orchestrator.steps import EvalSet, PushError, TrainingLoop
+
+    cfg = load_config(None, ["schedule.steps=4", "schedule.eval_every=100", "schedule.checkpoint_every=100"])
+    learner = FakeLearner()
+    loop = TrainingLoop(cfg, tmp_path, RunMetrics(tmp_path, "test", export_to_ray=False), learner,
+                        FakeDyingStudentPool(), EvalSet(None, None, 64), pools=[])
+    loop.progress = lambda step, record: None
+    with pytest.raises(PushError, match=r"student replica\(s\) 1 died during every push of weight version 1 \(3 tries\)"):
+        loop.train_on(_batch_for_metrics(), 1.0, examples_used=2)
+    # The trained step is not lost: checkpointed with its weights as version 1 (a resume pushes them first).
+    assert learner.saved["step"] == 1 and learner.saved["weight_version"] == 1
+    records = read_records(tmp_path)
+    assert [r["step"] for r in records if "loss" in r] == [1]
+    assert any(r.get("event") == "push_failed" and r["weight_version"] == 1 for r in records)
