@@ -1,8 +1,8 @@
 """The weight push's extra memory and time: streamed in buckets, against the whole model as one bucket.
 
-    python bench/push_memory.py                                        # a random Llama: 250k vocabulary, ~206M parameters
-    python bench/push_memory.py --student artifacts/smollm2/student    # any Hugging Face directory
-    python bench/push_memory.py --bucket-mb 32 64                      # the bucket sizes to compare
+    python -m bench.push_memory                                        # a random Llama: 250k vocabulary, ~206M parameters
+    python -m bench.push_memory --student artifacts/smollm2/student    # any Hugging Face directory
+    python -m bench.push_memory --bucket-mb 32 64                      # the bucket sizes to compare
 
 One learner rank (ZeRO-2, AdamW, one train step first so the optimizer state exists) and one student
 vLLM service on the same model. For one bucket holding the whole model (what a push did before

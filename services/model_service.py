@@ -174,7 +174,7 @@ class ModelService:
     def begin_weights(self, version: int) -> None:
         """Open a streamed load of weight ``version``: its buckets follow (``load_bucket``), then
         ``end_weights``. No request is served until then. A stream left open by a push cut short
-        is closed first; its partial load is overwritten by this one."""
+        is closed first; this load then replaces its partial one."""
         if version <= self.version:
             raise ValueError(f"{self.name}: weight version {version} is not newer than the loaded {self.version}")
         if self._incoming is not None:
@@ -223,7 +223,14 @@ class ModelService:
 
     def _close_stream(self) -> None:
         self._incoming = None
-        self.engine.collective_rpc("finish_weight_stream")
+        try:
+            self.engine.collective_rpc("finish_weight_stream")
+        except Exception:
+            # The engine holds some new weights and some old, and vLLM cannot reload in place after
+            # a failed reload: version -1 (every rollout refuses it) until Ray restarts this replica
+            # (the pool does) and it comes back at its kept version.
+            self.version = -1
+            raise
 
     def _load_kept_weights(self) -> None:
         """The newest complete version ``end_weights`` kept (a restart of this replica), if any."""

@@ -172,12 +172,18 @@ class ServicePool:
         failed: list[int] = []
 
         def settle(calls: dict) -> list:
-            """The answers of ``calls`` (replica -> call); a replica that died drops out."""
+            """The answers of ``calls`` (replica -> call); a replica that died drops out, and so
+            does one whose engine failed to load (restarted: vLLM cannot reload in place after a
+            failed reload, and Ray brings the replica back at its kept version)."""
             answers = []
             for replica, call in calls.items():
                 try:
                     answers.append(ray.get(call))
-                except ray.exceptions.RayActorError:
+                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+                    if isinstance(err, ray.exceptions.RayTaskError):
+                        ray.kill(self.actors[replica], no_restart=False)
+                        self.events.append({"event": "replica_restarted_after_failed_load", "service": self.name,
+                                            "replica": replica, "version": version, "error": str(err)[-500:]})
                     if replica in live:
                         live.remove(replica)
                         failed.append(replica)

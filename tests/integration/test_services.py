@@ -84,6 +84,37 @@ def test_load_weights_changes_output_and_restores_it_exactly(student_pool, model
         ray.get(student_pool.actors[0].load_weights.remote(pack_state(original), 1))
 
 
+def test_streamed_buckets_load_like_one_blob_and_a_failed_load_serves_no_version(student_pool, models):
+    """The weights in three buckets give the very outputs of the weights they came from; a bucket
+    the engine cannot load (a tensor of the wrong shape) takes the replica out of the push and has
+    Ray restart it (vLLM cannot reload in place after a failed reload), and the next push loads."""
+    import ray
+    from safetensors.torch import load_file
+
+    prompts = models["prompts"][:3]
+    before = student_pool.generate(prompts, 30, K, temperature=0.0).result()
+    original = load_file(models["dir"] / "student" / "model.safetensors")
+    names = list(original)
+    buckets = [pack_state({n: original[n] for n in names[i::3]}) for i in range(3)]
+    version = max(student_pool.versions()) + 1
+    pushed = student_pool.load_weight_buckets(buckets, version)
+    assert pushed == {"failed": [], "bytes": sum(len(b) for b in buckets), "buckets": 3}
+    streamed = student_pool.generate(prompts, 30, K, temperature=0.0).result()
+    assert streamed.version == version
+    np.testing.assert_array_equal(streamed.tokens, before.tokens)
+    np.testing.assert_array_equal(streamed.topk.logprobs, before.topk.logprobs)
+
+    wrong = pack_state({name: torch.zeros(3, 3) if name == names[0] else t for name, t in original.items()})
+    assert ray.get(student_pool.actors[0].info.remote())["version"] == version
+    assert student_pool.load_weight_buckets([wrong], version + 1)["failed"] == [0]
+    assert "replica_restarted_after_failed_load" in [e["event"] for e in student_pool.take_events()]
+    assert student_pool.versions() == [0]  # restarted, at its base weights (this pool keeps none)
+    assert student_pool.load_weight_buckets(buckets, version + 2)["failed"] == []
+    again = student_pool.generate(prompts, 30, K, temperature=0.0).result()
+    assert again.version == version + 2
+    np.testing.assert_array_equal(again.tokens, before.tokens)
+
+
 def test_two_replicas_spread_requests_and_match_one_replica(teacher_pool, models):
     import ray
 
