@@ -1,7 +1,7 @@
 """The one place that connects to Ray and starts every actor: engine replicas, learner ranks,
 attribution workers, and the placement groups some of them need. What each actor asks of the
 cluster (CPUs, GPUs, the custom resources that tie a role to a node group) comes from one function
-of its config (``engine_bundles``, ``learner_bundle``, ``attribution_options``), used both to
+of its config (``engine_bundles``, ``learner_bundle``, ``attribution_bundle``), used both to
 create it and to count what a run needs from the cluster, so the two never disagree.
 
 Actors are not Ray-named: a name is global to the cluster, so two runs, or a rerun after a
@@ -45,18 +45,13 @@ def connect_ray(cfg: RunConfig):
 # -- what each actor asks of the cluster -----------------------------------------------------------
 
 
-def splits_over_gpus(engine: EngineConfig) -> bool:
-    """An engine whose model is split over several GPUs: vLLM runs one Ray worker per GPU."""
-    return engine.tensor_parallel_size > 1 and engine.num_gpus > 0
-
-
 def engine_bundles(engine: EngineConfig) -> list[dict[str, float]]:
     """One replica's resources as placement-group bundles: one bundle (the actor) for an engine on
     one device; for an engine split over GPUs, one bundle per GPU worker (vLLM's Ray executor puts
     a worker in each), the actor with its CPUs and custom resources in the first."""
-    first = nonzero({"CPU": engine.num_cpus, "GPU": 1.0 if splits_over_gpus(engine) else engine.num_gpus,
+    first = nonzero({"CPU": engine.num_cpus, "GPU": 1.0 if engine.splits_over_gpus else engine.num_gpus,
                      **engine.resources})
-    return [first] + [{"GPU": 1.0}] * (engine.tensor_parallel_size - 1 if splits_over_gpus(engine) else 0)
+    return [first] + [{"GPU": 1.0}] * (engine.tensor_parallel_size - 1 if engine.splits_over_gpus else 0)
 
 
 def engine_options(engine: EngineConfig, group=None) -> dict:
@@ -78,6 +73,11 @@ def attribution_options(sft: SftConfig) -> dict:
     return {"num_cpus": sft.num_cpus, "num_gpus": sft.num_gpus, "resources": dict(sft.resources)}
 
 
+def attribution_bundle(sft: SftConfig) -> dict[str, float]:
+    """One attribution worker's resources, counted like a bundle."""
+    return nonzero({"CPU": sft.num_cpus, "GPU": sft.num_gpus, **sft.resources})
+
+
 def nonzero(resources: dict[str, float]) -> dict[str, float]:
     return {name: float(amount) for name, amount in resources.items() if amount > 0}
 
@@ -95,8 +95,7 @@ def needed_resources(cfg: RunConfig) -> dict[str, float]:
         for name, amount in bundle.items():
             needed[name] = needed.get(name, 0.0) + amount
     if cfg.method == "sft":  # one attribution worker is enough to make progress
-        options = attribution_options(cfg.sft)
-        worker = nonzero({"CPU": options["num_cpus"], "GPU": options["num_gpus"], **options["resources"]})
+        worker = attribution_bundle(cfg.sft)
         needed = {name: max(needed.get(name, 0.0), worker.get(name, 0.0)) for name in {*needed, *worker}}
     return needed
 
@@ -149,7 +148,7 @@ def start_service(name: str, model: str, engine: EngineConfig, eos_token_id: int
     actor_cls = ray.remote(ModelService)
     # An engine split over GPUs gets a placement group per replica, its GPUs on one node.
     groups = [reserve(engine_bundles(engine), "STRICT_PACK", f"{name} replica {i}", wait_s)
-              if splits_over_gpus(engine) else None for i in range(engine.replicas)]
+              if engine.splits_over_gpus else None for i in range(engine.replicas)]
     actors = [
         actor_cls.options(
             **engine_options(engine, groups[i]),

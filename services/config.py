@@ -52,7 +52,11 @@ class EngineConfig:
             raise ValueError("request_retries / max_restarts: must be >= 0")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError("num_cpus / num_gpus: must be >= 0")
-        if self.num_gpus > 0 and self.tensor_parallel_size > 1 and self.num_gpus != self.tensor_parallel_size:
+        if self.splits_over_gpus and self.num_gpus != self.tensor_parallel_size:
             raise ValueError(f"num_gpus: an engine split over GPUs (tensor_parallel_size "
                              f"{self.tensor_parallel_size}) takes one GPU per worker, got num_gpus {self.num_gpus}")
 
+    @property
+    def splits_over_gpus(self) -> bool:
+        """The model is split over several GPUs: vLLM runs one Ray worker per GPU."""
+        return self.tensor_parallel_size > 1 and self.num_gpus > 0

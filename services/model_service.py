@@ -177,15 +177,7 @@ class ModelService:
         is closed first; this load then replaces its partial one."""
         if version <= self.version:
             raise ValueError(f"{self.name}: weight version {version} is not newer than the loaded {self.version}")
-        if self._incoming is not None:
-            self._close_stream()
-        self.engine.collective_rpc("begin_weight_stream")
-        staging = None
-        if self.weights_dir is not None:
-            staging = self.weights_dir / f".v{version:06d}.incoming"
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        self._incoming = {"version": version, "parts": 0, "staging": staging}
+        self._open_stream(version, keep=self.weights_dir is not None)
 
     def load_bucket(self, blob: bytes) -> int:
         """One bucket (a safetensors blob of some of the HF state dict's tensors) into the open
@@ -221,6 +213,18 @@ class ModelService:
         self.load_bucket(blob)
         return self.end_weights(version)
 
+    def _open_stream(self, version: int, keep: bool) -> None:
+        """Start the engine's reload of ``version``; ``keep``: its buckets are staged in weights_dir."""
+        if self._incoming is not None:
+            self._close_stream()
+        self.engine.collective_rpc("begin_weight_stream")
+        staging = None
+        if keep:
+            staging = self.weights_dir / f".v{version:06d}.incoming"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self._incoming = {"version": version, "parts": 0, "staging": staging}
+
     def _close_stream(self) -> None:
         self._incoming = None
         try:
@@ -237,13 +241,11 @@ class ModelService:
         kept = sorted(self.weights_dir.glob("v[0-9]*"))  # zero-padded: the newest sorts last
         if not kept:
             return
-        self.weights_dir, keep_to = None, self.weights_dir  # loading what is kept: nothing to write
         version = int(kept[-1].name.removeprefix("v"))
-        self.begin_weights(version)
+        self._open_stream(version, keep=False)  # already kept: nothing to write again
         for part in sorted(kept[-1].glob("part-*.safetensors")):
             self.load_bucket(part.read_bytes())
         self.end_weights(version)
-        self.weights_dir = keep_to
 
     def __repr__(self) -> str:
         # Ray's dashboard and logs label an actor by its repr.
@@ -331,7 +333,7 @@ def _make_engine(model: str, cfg: EngineConfig, seed: int):
         worker_extension_cls="services.weight_sync.WeightSyncExtension",
         # Split over GPUs: vLLM's Ray executor puts one worker in each bundle of the placement
         # group this actor runs in (orchestrator.launcher.start_service makes it).
-        **({"distributed_executor_backend": "ray"} if cfg.tensor_parallel_size > 1 and cfg.num_gpus > 0 else {})
+        **({"distributed_executor_backend": "ray"} if cfg.splits_over_gpus else {})
         | cfg.extra,
     )
     return LLMEngine.from_engine_args(args, stat_loggers=vllm_stat_loggers(cfg.export_engine_metrics))

@@ -181,7 +181,7 @@ class ServicePool:
                     answers.append(ray.get(call))
                 except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
                     if isinstance(err, ray.exceptions.RayTaskError):
-                        ray.kill(self.actors[replica], no_restart=False)
+                        self._restart(replica)
                         self.events.append({"event": "replica_restarted_after_failed_load", "service": self.name,
                                             "replica": replica, "version": version, "error": str(err)[-500:]})
                     if replica in live:
@@ -199,6 +199,20 @@ class ServicePool:
         sizes += settle(previous)[:1]
         settle({r: self.actors[r].end_weights.remote(version) for r in live})
         return {"failed": failed, "bytes": int(sum(sizes)), "buckets": count}
+
+    def _restart(self, replica: int) -> None:
+        """Have Ray restart ``replica`` and return once its old process is gone: the kill lands
+        asynchronously, and until then the old process answers calls (version -1 after a failed
+        reload) as if it were the restarted replica."""
+        ray.kill(self.actors[replica], no_restart=False)
+        deadline = time.monotonic() + RESTART_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                if ray.get(self.actors[replica].info.remote())["version"] != -1:
+                    return  # already the restarted one
+            except ray.exceptions.RayActorError:
+                return  # the old one is gone; Ray is bringing it back
+            time.sleep(0.1)
 
     def versions(self) -> list[int]:
         return [self.wait_until_serving(r)["version"] for r in range(len(self.actors))]
