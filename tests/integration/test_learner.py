@@ -216,7 +216,7 @@ def test_kill_and_resume_equals_uninterrupted_run(ray_cluster, student_dir, teac
         group.save_checkpoint(str(run_dir), step, {"step": step, "data_cursor": step * 8, "weight_version": step})
     for rank in group.ranks:  # a crash, not a clean shutdown
         ray.kill(rank)
-    group.ranks = []
+    group.shutdown(graceful=False)  # what the run does after a crash: its placement group goes too
 
     # keep_checkpoints=2: step 1 is gone, 2 and 3 remain, `latest` names step 3.
     kept = [p.name for p in checkpoint.complete_checkpoints(run_dir)]
