@@ -166,11 +166,25 @@ class ScheduleConfig:
     # Stop once the learner has seen this many response tokens (null: no limit): methods whose
     # responses differ in length get the same training budget.
     max_train_tokens: int | None = None
+    # 0: rollout -> train -> push, one after the other. 1: the rollout of step n+1 runs while
+    # step n trains (its weights are one step behind); the push waits for that rollout to end,
+    # so a rollout never mixes two weight versions. A batch whose policy_lag exceeds
+    # max_policy_lag + push_every - 1 (what the synchronous loop already has between pushes) is
+    # rolled out again, never trained on.
+    max_policy_lag: int = 0
 
     def __post_init__(self) -> None:
         for name in ("steps", "eval_every", "checkpoint_every", "push_every", "eval_examples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_policy_lag not in (0, 1):
+            raise ValueError(f"max_policy_lag: 0 (synchronous) or 1 (the next rollout runs while a step trains), "
+                             f"got {self.max_policy_lag}; a deeper pipeline is not built")
+
+    @property
+    def lag_bound(self) -> int:
+        """The most policy_lag a trained batch may have."""
+        return self.max_policy_lag + self.push_every - 1
 
 
 @dataclass
@@ -257,6 +271,8 @@ class RunConfig:
                                 ("services.student", self.services.student.resources),
                                 ("learner", self.learner.resources), ("sft", self.sft.resources)):
             check_custom_resources(role, resources)
+        if self.method == "sft" and self.schedule.max_policy_lag:
+            raise ValueError("schedule.max_policy_lag: method sft trains on fixed text; it has no rollout to overlap")
         if self.method == "sft" and self.loss.kind != "cross_entropy":
             raise ValueError(f"loss.kind: method sft trains on fixed text and needs loss.kind=cross_entropy, "
                              f"got {self.loss.kind!r}")

@@ -4,7 +4,8 @@
 
 Policies (policy.name): on_policy, teacher, ground_truth, mixed, skd, switch, adaswitch
 (DESIGN.md). Each step's batch is kept on disk until a checkpoint covers it, so a restarted
-learner or a resumed run trains on the very same tokens.
+learner or a resumed run trains on the very same tokens. With schedule.max_policy_lag=1 the
+rollout of step n+1 runs while step n trains (TrainingLoop.train_on's ``while_training``).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from orchestrator.config import RunConfig
 from orchestrator.launcher import check_cluster_fits, connect_ray, start_learner, start_service
 from orchestrator.metrics import RunMetrics
 from orchestrator.rollout import Rollout, run_rollout
-from orchestrator.rollout_store import load_rollout, save_rollout
+from orchestrator.rollout_store import drop_rollout, load_rollout, save_rollout
 from orchestrator.steps import EvalSet, TrainingLoop, engine_pids, fresh_kept_weights, prepare_inputs
 from orchestrator.stop import StopRequested
 
@@ -53,22 +54,46 @@ def distill(cfg: RunConfig, services: tuple | None = None) -> Path:
     loop.restore(reused_student=services is not None)
     loop.evaluate_baseline()
 
-    while loop.more_steps():
-        indices, sample_ids = loop.next_rows(len(train))
-        saved = load_rollout(run_dir, loop.step + 1)  # rolled out before a learner restart or a stop
+    def batch_for(step: int) -> tuple | None:
+        """Step ``step``'s batch: the one saved on disk if it was rolled out before a learner
+        restart or a stop and is fresh enough to train on, else rolled out now by the weights the
+        student serves. (batch, rollout seconds, weights_step, replayed), or None after a stop."""
+        saved = load_rollout(run_dir, step)
+        if saved is not None and not loop.too_stale(saved[2]):
+            return (*saved, True)
         if saved is not None:
-            batch, rollout_seconds = saved
-        else:
-            try:
-                with loop.stop.interruptible():
-                    batch = run_rollout(rollout, [train.prompt_ids[i] for i in indices],
-                                        [train.reference_ids[i] for i in indices], sample_ids,
-                                        seed=cfg.seed * 1_000_003 + loop.step + 1, policy_version=loop.version)
-            except StopRequested:
-                break
-            rollout_seconds = rollout.timings["rollout_seconds"]
-            save_rollout(run_dir, loop.step + 1, batch, rollout_seconds)
-        loop.train_on(batch, rollout_seconds, len(indices), replayed=saved is not None)
+            drop_rollout(run_dir, step)
+            loop.metrics.event("stale_rollout_dropped", {"step": step, "weights_step": saved[2]})
+        indices, sample_ids = loop.next_rows(len(train), ahead=step - loop.step - 1)
+        weights_step = loop.weights_step()
+        try:
+            with loop.stop.interruptible():
+                batch = run_rollout(rollout, [train.prompt_ids[i] for i in indices],
+                                    [train.reference_ids[i] for i in indices], sample_ids,
+                                    seed=cfg.seed * 1_000_003 + step, policy_version=loop.version)
+        except StopRequested:
+            return None
+        seconds = rollout.timings["rollout_seconds"]
+        save_rollout(run_dir, step, batch, seconds, weights_step)
+        return batch, seconds, weights_step, False
+
+    rolled_ahead: dict[int, tuple | None] = {}  # step -> its batch, rolled out while the step before trained
+
+    def roll_ahead(step: int) -> None:
+        rolled_ahead[step] = batch_for(step)
+
+    while loop.more_steps():
+        step = loop.step + 1
+        # The batch rolled out ahead is this step's unless a learner restart sent the loop back to
+        # its checkpoint (the batches since then, that one too, are replayed from disk).
+        ready = rolled_ahead.pop(step, None) or batch_for(step)
+        rolled_ahead.clear()
+        if ready is None:  # a stop interrupted the rollout
+            break
+        batch, rollout_seconds, weights_step, replayed = ready
+        overlap = cfg.schedule.max_policy_lag > 0 and not loop.is_last(batch)
+        loop.train_on(batch, rollout_seconds, cfg.rollout.prompts_per_step, replayed=replayed,
+                      weights_step=weights_step, while_training=(lambda: roll_ahead(step + 1)) if overlap else None)
 
     if loop.stop.requested:
         return loop.stopped()

@@ -32,6 +32,8 @@ GAUGES = {
     "train_tokens_per_second": "Tokens per second through the learner",
     "weight_version": "Student weight version served by the rollout worker",
     "policy_lag": "Steps between the weights that rolled a batch out and the weights it trains",
+    "rollout_weight_version": "Student weight version that rolled out the batch just trained",
+    "step_seconds": "Wall seconds of the last step (with schedule.max_policy_lag=1 the next rollout ran inside it)",
     "eval_exact_match": "Exact match of the final answer on the held-out split (student, greedy)",
     "eval_rouge_l": "Rouge-L F (rouge-score, stemmed) on the held-out split (student, greedy)",
     "step": "Training step",

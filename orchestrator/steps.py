@@ -4,7 +4,9 @@ A recipe prepares its inputs (``prepare_inputs``), starts its actors (orchestrat
 and hands them to a ``TrainingLoop``, whose steps it calls in order: ``restore`` (resume from the
 latest checkpoint), ``evaluate_baseline``, then per batch ``train_on`` (train, push, evaluate,
 checkpoint, log; a dead learner rank is recovered there), and at the end ``finish`` (export and
-report) or ``stopped`` (a signal: final checkpoint). The recipe owns where batches come from.
+report) or ``stopped`` (a signal: final checkpoint). The recipe owns where batches come from, and
+may hand ``train_on`` the next step's rollout to run while the learner trains
+(schedule.max_policy_lag=1).
 
 The run owns the weight version: the learner returns packed weights, ``push`` hands them to the
 student pool with the next version, and every batch records the version that rolled it out.
@@ -15,6 +17,7 @@ import json
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -165,6 +168,7 @@ class TrainingLoop:
         self.step = self.cursor = self.version = self.trained_tokens = 0
         self.steps_in_version = {0: 0}  # weight version -> optimizer steps in those weights (for policy_lag)
         self.learner_restarts = 0
+        self.step_clock = time.perf_counter()  # when the step in hand began (its record's step_seconds)
         self.progress: Callable[[int, dict], None] | None = None
 
     # -- weights ----------------------------------------------------------------------------------
@@ -203,30 +207,55 @@ class TrainingLoop:
     def evaluate_baseline(self) -> None:
         if self.step == 0:
             self.metrics.log({**self.evaluate(0), "startup_seconds": time.perf_counter() - self.started})
+        self.step_clock = time.perf_counter()
 
     def more_steps(self) -> bool:
         budget = self.cfg.schedule.max_train_tokens or np.inf
         return self.step < self.cfg.schedule.steps and not self.stop.requested and self.trained_tokens < budget
 
-    def next_rows(self, n_examples: int) -> tuple[np.ndarray, np.ndarray]:
-        """The next batch's example indices and global sample ids."""
-        return batch_rows(n_examples, self.cursor, self.cfg.rollout.prompts_per_step, self.cfg.seed)
+    def is_last(self, batch: MixedBatch) -> bool:
+        """Is training ``batch`` the run's last step (schedule.steps or schedule.max_train_tokens)?"""
+        budget = self.cfg.schedule.max_train_tokens or np.inf
+        return self.step + 1 == self.cfg.schedule.steps or self.trained_tokens + int(batch.response_lengths.sum()) >= budget
 
-    def train_on(self, batch: MixedBatch, rollout_seconds: float, examples_used: int, replayed: bool = False) -> bool:
-        """Train one step on ``batch`` (made from ``examples_used`` examples of the split), push,
-        evaluate, checkpoint, log. False when a learner rank died instead: the group was restarted
-        from the last checkpoint and the caller goes on from ``self.step`` (the batches since then
-        are replayed from disk)."""
+    def next_rows(self, n_examples: int, ahead: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The next batch's example indices and global sample ids (``ahead``: of the batch that
+        many steps after the next; every step takes prompts_per_step examples)."""
+        size = self.cfg.rollout.prompts_per_step
+        return batch_rows(n_examples, self.cursor + ahead * size, size, self.cfg.seed)
+
+    def weights_step(self) -> int:
+        """Optimizer steps in the weights the student pool serves now (a rollout records it)."""
+        return self.steps_in_version[self.version]
+
+    def too_stale(self, weights_step: int | None) -> bool:
+        """Would a batch rolled out by weights of ``weights_step`` steps train the next step with more
+        policy lag than schedule.max_policy_lag allows? (None: a batch saved before this was recorded.)"""
+        return weights_step is not None and self.step - weights_step > self.cfg.schedule.lag_bound
+
+    def train_on(self, batch: MixedBatch, rollout_seconds: float, examples_used: int, replayed: bool = False,
+                 weights_step: int | None = None, while_training: Callable[[], None] | None = None) -> bool:
+        """Train one step on ``batch`` (made from ``examples_used`` examples of the split, rolled out
+        by weights of ``weights_step`` optimizer steps), push, evaluate, checkpoint, log. With
+        ``while_training`` (the next step's rollout) the learner trains in a thread while it runs
+        here; the push waits for it, so it never sees two weight versions. False when a learner rank
+        died instead: the group was restarted from the last checkpoint and the caller goes on from
+        ``self.step`` (the batches since then are replayed from disk)."""
         record = {"step": self.step + 1, **({"replayed": True} if replayed else {})}
         record.update(rollout_record(batch, rollout_seconds))
         record["rollout_seconds"] = rollout_seconds
         schedule = self.cfg.schedule
         tokens = int(batch.response_lengths.sum())
-        last = self.step + 1 == schedule.steps or self.trained_tokens + tokens >= (schedule.max_train_tokens or np.inf)
-        rolled_out_by = self.steps_in_version.get(int(batch.policy_version.min()))
+        last = self.is_last(batch)
+        rolled_out_version = int(batch.policy_version.min())
+        rolled_out_by = weights_step if weights_step is not None else self.steps_in_version.get(rolled_out_version)
         push_failed = None
         try:
-            trained = self.learner.train_step(batch.for_learner())
+            if while_training is None:
+                trained = self.learner.train_step(batch.for_learner())
+            else:
+                trained = self._train_while(batch, while_training)
+                record["overlapped"] = True
             if (self.step + 1) % schedule.push_every == 0 or last:
                 try:
                     record["push_seconds"] = self.push(self.version + 1, self.step + 1)
@@ -244,6 +273,7 @@ class TrainingLoop:
         # Optimizer steps between the weights that rolled the batch out and the weights it trained
         # (None: rolled out by weights this job never pushed).
         record["policy_lag"] = None if rolled_out_by is None else self.step - 1 - rolled_out_by
+        record["rollout_weight_version"] = rolled_out_version
         record["weight_version"] = self.version
         if self.teacher is not None:
             record["teacher_replica_calls"] = self.teacher.calls_per_replica.tolist()
@@ -264,9 +294,22 @@ class TrainingLoop:
         if self.step % schedule.checkpoint_every == 0 or last:
             record["checkpoint_seconds"] = self.save_checkpoint()
         self.log_service_events()
+        record["step_seconds"] = time.perf_counter() - self.step_clock  # wall time since the step before ended
+        self.step_clock = time.perf_counter()
         self.metrics.log(record)
         self.progress(self.step, record)
         return True
+
+    def _train_while(self, batch: MixedBatch, work: Callable[[], None]) -> dict:
+        """The learner's train step in a thread (it only waits on Ray) while ``work`` runs here, in
+        the main thread, where a stop signal can still interrupt it."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="train-step") as thread:
+            training = thread.submit(self.learner.train_step, batch.for_learner())
+            try:
+                work()
+            finally:
+                wait([training])  # an error in ``work`` surfaces after the step it overlapped
+            return training.result()
 
     def evaluate(self, at_step: int) -> dict:
         """Greedy held-out evaluation of the student service; per-row outputs in eval/step-N.jsonl."""

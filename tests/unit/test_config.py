@@ -47,6 +47,8 @@ def test_round_trip_through_yaml(tmp_path):
         ("services.teacher.dtype=int4", "services.teacher.dtype: 'int4' is not one of float32"),
         ("policy=switch", "policy: expected a mapping"),
         ("nothing", "expected dotted.key=value"),
+        ("schedule.max_policy_lag=2", "schedule.max_policy_lag: 0 (synchronous) or 1 (the next rollout runs while a step "
+                                      "trains), got 2; a deeper pipeline is not built"),
     ],
 )
 def test_bad_values_name_the_field(override, message):
@@ -63,6 +65,8 @@ def test_cross_field_checks():
     sampled = ["loss.kind=sampled_reverse_kl", "policy.name=on_policy"]
     with pytest.raises(ConfigError, match="sampled_reverse_kl needs the teacher's logprob of every student token"):
         load_config(None, [*sampled, "rollout.strategy=lockstep"])
+    with pytest.raises(ConfigError, match="schedule.max_policy_lag: method sft trains on fixed text; it has no rollout"):
+        load_config(None, ["method=sft", "loss.kind=cross_entropy", "schedule.max_policy_lag=1"])
     with pytest.raises(ConfigError, match="policy 'teacher' writes none"):
         load_config(None, [*sampled, "policy.name=teacher", "rollout.strategy=draft_verify"])
     with pytest.raises(ConfigError, match="loss.forward_kl_weight: only read by kind sampled_reverse_kl"):

@@ -1,5 +1,6 @@
 """Pure pieces of the run loop: the data cursor, metric records, the report."""
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -202,3 +203,91 @@ def test_a_push_that_cannot_complete_checkpoints_the_step_and_names_the_replica(
     records = read_records(tmp_path)
     assert [r["step"] for r in records if "loss" in r] == [1]
     assert any(r.get("event") == "push_failed" and r["weight_version"] == 1 for r in records)
+
+
+class FakeOverlapLearner(FakeLearner):
+    """A learner whose train step, once started, waits for the test's rollout to end (pure logic):
+    a loop that trained before the overlapped work, not while it ran, times out here."""
+
+    def __init__(self, events: list):
+        super().__init__()
+        self.events, self.rollout_began = events, threading.Event()
+
+    def train_step(self, batch):
+        assert self.rollout_began.wait(timeout=10), "the train step did not run while the next rollout ran"
+        self.events.append("trained")
+        return super().train_step(batch)
+
+
+class FakeOrderedStudentPool(FakeStudentPool):
+    def __init__(self, events: list):
+        super().__init__()
+        self.events = events
+
+    def load_weight_buckets(self, buckets, version, replicas=None):
+        self.events.append(f"pushed v{version}")
+        return super().load_weight_buckets(buckets, version, replicas)
+
+
+def test_lag_one_trains_while_the_next_rollout_runs_and_pushes_after_it(tmp_path):
+    """schedule.max_policy_lag=1 as orchestrator.distill drives it: the step's batch trains in a
+    thread while the next batch rolls out; the push waits for that rollout; each batch records the
+    weights that rolled it out, and the lag is one step from step 2 on."""
+    from orchestrator.config import load_config
+    from orchestrator.steps import EvalSet, TrainingLoop
+
+    cfg = load_config(None, ["schedule.steps=4", "schedule.eval_every=100", "schedule.checkpoint_every=100",
+                             "schedule.max_policy_lag=1"])
+    events: list[str] = []
+    learner, student = FakeOverlapLearner(events), FakeOrderedStudentPool(events)
+    loop = TrainingLoop(cfg, tmp_path, RunMetrics(tmp_path, "test", export_to_ray=False), learner, student,
+                        EvalSet(None, None, 64), pools=[])
+    loop.progress = lambda step, record: None
+    loop.evaluate = lambda step: {"eval_rouge_l": 0.5}
+
+    def roll_out() -> tuple:
+        batch = _batch_for_metrics()
+        batch.policy_version[:] = loop.version  # what the rollout stamps on its rows
+        events.append(f"rolled out by v{loop.version}")
+        return batch, loop.weights_step()
+
+    ahead = roll_out()
+    while loop.more_steps():
+        batch, weights_step = ahead
+
+        def next_rollout():
+            nonlocal ahead
+            ahead = roll_out()
+            learner.rollout_began.set()
+
+        assert not loop.too_stale(weights_step)
+        assert loop.train_on(batch, 1.0, examples_used=2, weights_step=weights_step, while_training=next_rollout)
+        learner.rollout_began.clear()
+    records = [r for r in read_records(tmp_path) if "loss" in r]
+    assert [r["policy_lag"] for r in records] == [0, 1, 1, 1]
+    assert [r["rollout_weight_version"] for r in records] == [0, 0, 1, 2]
+    assert [r["weight_version"] for r in records] == [1, 2, 3, 4]
+    assert all(r["overlapped"] for r in records) and all(r["step_seconds"] > 0 for r in records)
+    # Every push comes after the rollout that overlapped the step: no rollout sees two versions.
+    assert events[:7] == ["rolled out by v0", "rolled out by v0", "trained", "pushed v1",
+                          "rolled out by v1", "trained", "pushed v2"]
+    # A batch two steps behind (a lag-1 run's saved batch replayed by a lag-0 run, say) is not trained on.
+    assert loop.too_stale(loop.step - 2) and not loop.too_stale(loop.step - 1)
+
+
+def test_policy_lag_bound_counts_the_steps_between_pushes():
+    from orchestrator.config import load_config
+
+    assert load_config(None, []).schedule.lag_bound == 0
+    assert load_config(None, ["schedule.max_policy_lag=1"]).schedule.lag_bound == 1
+    assert load_config(None, ["schedule.max_policy_lag=1", "schedule.push_every=3"]).schedule.lag_bound == 3
+
+
+def test_saved_rollout_keeps_the_weights_step_that_rolled_it_out(tmp_path):
+    from orchestrator.rollout_store import drop_rollout, load_rollout, save_rollout
+
+    save_rollout(tmp_path, 3, _batch_for_metrics(), 2.5, weights_step=1)
+    batch, seconds, weights_step = load_rollout(tmp_path, 3)
+    assert seconds == 2.5 and weights_step == 1 and np.array_equal(batch.writer, _batch_for_metrics().writer)
+    drop_rollout(tmp_path, 3)
+    assert load_rollout(tmp_path, 3) is None
