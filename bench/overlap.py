@@ -1,8 +1,8 @@
 """Rollout/train overlap: the same run with schedule.max_policy_lag=0 and =1, side by side.
 
     python -m bench.overlap                                           # embedded default (SWITCH), seeds 0 1
-    python -m bench.overlap --config deploy/configs/smollm2.yaml --seeds 0 --tokens 4000 \
-        --out runs/bench-overlap-smollm2 policy.name=adaswitch loss.kind=forward_kl rollout.max_new_tokens=64
+    python -m bench.overlap --config deploy/configs/smollm2.yaml --seeds 0 1 --tokens 4000 \
+        --out runs/bench-overlap-smollm2 rollout.max_new_tokens=128 rollout.prompts_per_step=16
 
 Every run of a seed shares one teacher and one student engine (each run pushes the base student
 weights back first), has its own learner, rolls out the same prompts in the same order and trains
