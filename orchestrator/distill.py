@@ -19,6 +19,7 @@ from orchestrator.rollout import Rollout, run_rollout
 from orchestrator.rollout_store import drop_rollout, load_rollout, save_rollout
 from orchestrator.steps import EvalSet, TrainingLoop, engine_pids, fresh_kept_weights, prepare_inputs
 from orchestrator.stop import StopRequested
+from services.pool import ServiceError
 
 
 def distill(cfg: RunConfig, services: tuple | None = None) -> Path:
@@ -77,23 +78,32 @@ def distill(cfg: RunConfig, services: tuple | None = None) -> Path:
         save_rollout(run_dir, step, batch, seconds, weights_step)
         return batch, seconds, weights_step, False
 
-    rolled_ahead: dict[int, tuple | None] = {}  # step -> its batch, rolled out while the step before trained
+    rolled_ahead: dict[int, tuple | ServiceError | None] = {}  # step -> its batch, rolled out while the step before trained
 
     def roll_ahead(step: int) -> None:
-        rolled_ahead[step] = batch_for(step)
+        try:
+            rolled_ahead[step] = batch_for(step)
+        except ServiceError as err:  # raised once the step it overlapped is trained and logged
+            rolled_ahead[step] = err
 
-    while loop.more_steps():
-        step = loop.step + 1
-        # The batch rolled out ahead is this step's unless a learner restart sent the loop back to
-        # its checkpoint (the batches since then, that one too, are replayed from disk).
-        ready = rolled_ahead.pop(step, None) or batch_for(step)
-        rolled_ahead.clear()
-        if ready is None:  # a stop interrupted the rollout
-            break
-        batch, rollout_seconds, weights_step, replayed = ready
-        overlap = cfg.schedule.max_policy_lag > 0 and not loop.is_last(batch)
-        loop.train_on(batch, rollout_seconds, cfg.rollout.prompts_per_step, replayed=replayed,
-                      weights_step=weights_step, while_training=(lambda: roll_ahead(step + 1)) if overlap else None)
+    try:
+        while loop.more_steps():
+            step = loop.step + 1
+            # The batch rolled out ahead is this step's unless a learner restart sent the loop back
+            # to its checkpoint (the batches since then, that one too, are replayed from disk).
+            ready = rolled_ahead.pop(step, None) or batch_for(step)
+            rolled_ahead.clear()
+            if isinstance(ready, ServiceError):
+                raise ready
+            if ready is None:  # a stop interrupted the rollout
+                break
+            batch, rollout_seconds, weights_step, replayed = ready
+            overlap = cfg.schedule.max_policy_lag > 0 and not loop.is_last(batch)
+            loop.train_on(batch, rollout_seconds, cfg.rollout.prompts_per_step, replayed=replayed, weights_step=weights_step,
+                          while_training=(lambda: roll_ahead(step + 1)) if overlap else None)
+    except ServiceError as err:  # a replica lost for good (e.g. no node came back within ray.node_wait_s)
+        loop.failed(err)
+        raise
 
     if loop.stop.requested:
         return loop.stopped()

@@ -22,7 +22,7 @@ from orchestrator.config import RunConfig, SftConfig
 from orchestrator.rationale.worker import AttributionSettings, AttributionWorker
 from services.config import EngineConfig
 from services.model_service import ModelService
-from services.pool import ServicePool
+from services.pool import ServicePool, missing_resources
 from trainer.config import LearnerConfig, LossConfig
 from trainer.group import LearnerGroup
 from trainer.learner import LearnerRank
@@ -104,13 +104,6 @@ class ClusterError(RuntimeError):
     """The cluster cannot hold the run's actors; the message names what is missing."""
 
 
-def missing_resources(needed: dict[str, float], available: dict[str, float]) -> str | None:
-    """What the cluster lacks for ``needed``, in words; None when everything fits."""
-    short = [f"{needed[name]:g} {name} (the cluster has {available.get(name, 0):g})"
-             for name in needed if needed[name] > available.get(name, 0) + 1e-9]
-    return ", ".join(short) or None
-
-
 def check_cluster_fits(cfg: RunConfig) -> None:
     """Fail before starting anything if the cluster cannot hold every actor: Ray would leave the
     last actor pending forever, and the run would hang without a word."""
@@ -142,8 +135,10 @@ def start_service(name: str, model: str, engine: EngineConfig, eos_token_id: int
     ``wait=False`` returns at once, the engines loading in the background: the caller starts
     other things meanwhile (a run starts teacher, student and learner together) and calls
     ``pool.wait_ready()`` before the first request. Ray restarts a dead replica
-    (``engine.max_restarts``); with ``weights_dir`` each replica keeps its latest loaded weights
-    there and comes back with them.
+    (``engine.max_restarts``), on another node if its own was lost, waiting up to ``wait_s``
+    (ray.node_wait_s) for room; with ``weights_dir`` each replica keeps its latest loaded weights
+    there and comes back with them, and one back where that directory is not (no shared storage)
+    gets them from the pool's copy in the object store.
     """
     actor_cls = ray.remote(ModelService)
     # An engine split over GPUs gets a placement group per replica, its GPUs on one node.
@@ -162,7 +157,8 @@ def start_service(name: str, model: str, engine: EngineConfig, eos_token_id: int
     ]
     pool = ServicePool(actors, name, engine.request_timeout_s, engine.request_retries,
                        ready=[a.info.remote() for a in actors],  # each answers once its engine has started
-                       placement_groups=[g for g in groups if g is not None])
+                       placement_groups=[g for g in groups if g is not None], node_wait_s=wait_s,
+                       needs=engine_bundles(engine)[0])
     return pool.wait_ready() if wait else pool
 
 

@@ -358,15 +358,28 @@ class TrainingLoop:
 
     def stopped(self) -> Path:
         """After a stop signal: a checkpoint of the last finished step (if newer than the latest), then release."""
-        self.log_service_events()
-        latest = checkpoint.latest_checkpoint(self.run_dir)
-        if self.step > 0 and (latest is None or checkpoint.read_run_state(latest)["step"] < self.step):
-            self.save_checkpoint()
+        self.checkpoint_last_step()
         self.metrics.event("stopped", {"signal": self.stop.signal_name, "step": self.step})
         print(f"\nstopped by {self.stop.signal_name} after step {self.step}: checkpoint in "
               f"{self.run_dir / 'checkpoints'}; run again with the same config to resume")
         self.release()
         return self.run_dir
+
+    def failed(self, err: Exception) -> None:
+        """A service the run cannot go on without is lost (the caller raises ``err`` next): a
+        checkpoint of the last finished step, then release; rerun the same config to resume."""
+        self.checkpoint_last_step()
+        self.metrics.event("service_failed", {"step": self.step, "error": str(err)})
+        print(f"\n{err}\nstopped after step {self.step}: checkpoint in {self.run_dir / 'checkpoints'}; "
+              "run again with the same config to resume")
+        self.release()
+
+    def checkpoint_last_step(self) -> None:
+        """Checkpoint the last finished step unless the latest checkpoint has it."""
+        self.log_service_events()
+        latest = checkpoint.latest_checkpoint(self.run_dir)
+        if self.step > 0 and (latest is None or checkpoint.read_run_state(latest)["step"] < self.step):
+            self.save_checkpoint()
 
     def finish(self, title: str, summary: dict) -> Path:
         """Export the student as a Hugging Face directory, write the report, release the actors."""

@@ -33,7 +33,9 @@ class EngineConfig:
     resources: dict[str, float] = field(default_factory=dict)
     # Faults. A call part unanswered after request_timeout_s (null: wait forever) counts as hung:
     # its replica is killed (Ray restarts it) and the part is sent again, at most request_retries
-    # times, as is a part whose replica died. Ray restarts a dead replica up to max_restarts times.
+    # times. A part whose replica died (a crash, a lost node) is sent again to a replica that is up,
+    # or waits up to ray.node_wait_s for Ray to bring one back; Ray restarts a dead replica up to
+    # max_restarts times (a lost node counts as one).
     request_timeout_s: float | None = 300.0
     request_retries: int = 1
     max_restarts: int = 3

@@ -14,12 +14,13 @@ from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 import ray
+from ray._private import state as ray_state
 from ray.util.placement_group import remove_placement_group
 
 from protocol.topk import PAD_ID, TopK
 
 STICKY_KEYS_KEPT = 100_000
-RESTART_TIMEOUT_S = 600.0  # how long a call waits for Ray to restart the only replica
+RESTART_TIMEOUT_S = 600.0  # how long a call waits for Ray to bring a replica back (the run passes ray.node_wait_s)
 
 
 def wait_until_answers(call: Callable[[], Any], timeout_s: float, label: str):
@@ -37,6 +38,13 @@ def wait_until_answers(call: Callable[[], Any], timeout_s: float, label: str):
 
 class ServiceError(RuntimeError):
     """A service call that failed on every attempt (replica dead or hung); says which and why."""
+
+
+def missing_resources(needed: dict[str, float], available: dict[str, float]) -> str | None:
+    """What ``available`` lacks for ``needed``, in words; None when everything fits."""
+    short = [f"{needed[name]:g} {name} (the cluster has {available.get(name, 0):g})"
+             for name in needed if needed[name] > available.get(name, 0) + 1e-9]
+    return ", ".join(short) or None
 
 
 @dataclass
@@ -75,6 +83,15 @@ class Pending:
         return len(done) == len(self.parts) or self.pool.overdue(self.parts)
 
 
+def placed(actor) -> bool:
+    """Ray has ``actor`` up (not restarting, not waiting for a node with room). Read from the GCS
+    actor table: Ray's public state API needs the dashboard, which a run may leave off."""
+    try:
+        return ray_state.actors(actor._actor_id.hex())["State"] == "ALIVE"
+    except Exception:  # the table could not be read: take the actor as up, as before this check
+        return True
+
+
 def wait_any(pendings: list[Pending]) -> None:
     """Block until one of ``pendings`` is ready or its oldest part reaches the request timeout."""
     refs, deadlines = [], []
@@ -87,11 +104,15 @@ def wait_any(pendings: list[Pending]) -> None:
 
 class ServicePool:
     """``actors``: started ModelService actors; ``ready``: their info() calls, answered once each
-    engine serves (``wait_ready`` collects them)."""
+    engine serves (``wait_ready`` collects them); ``needs``: the Ray resources one replica needs
+    (named when a lost replica finds no room to come back within ``node_wait_s``)."""
 
     def __init__(self, actors: list, name: str = "service", request_timeout_s: float | None = None,
-                 request_retries: int = 0, ready: list | None = None, placement_groups: list | None = None):
+                 request_retries: int = 0, ready: list | None = None, placement_groups: list | None = None,
+                 node_wait_s: float = RESTART_TIMEOUT_S, needs: dict[str, float] | None = None):
         self.actors = actors
+        self.node_wait_s = node_wait_s
+        self.needs = needs or {}
         self.placement_groups = placement_groups or []  # an engine split over GPUs: one per replica
         self.name = name
         self.request_timeout_s = request_timeout_s
@@ -103,6 +124,10 @@ class ServicePool:
         self.calls_per_replica = np.zeros(len(actors), dtype=np.int64)
         self.events: list[dict] = []  # faults and retries since the caller last took them
         self._probes: dict[int, Any] = {}  # replicas seen failing -> an info() call that answers once back
+        # The latest weights pushed to every replica, as object references (version, buckets): a
+        # replica Ray brings back on a node that cannot see its kept weights (no shared storage)
+        # answers at an older version and is brought up to date from them (``collect``).
+        self.latest_weights: tuple[int, list] | None = None
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -151,6 +176,7 @@ class ServicePool:
         have them. A replica that died meanwhile is waited for: it comes back with its kept
         weights, and gets these if it kept older ones."""
         ref = blob if isinstance(blob, ray.ObjectRef) else ray.put(blob)  # one copy, not one per replica
+        self.latest_weights = (version, [ref])
         calls = [a.load_weights.remote(ref, version) for a in self.actors]
         versions = []
         for replica, call in enumerate(calls):
@@ -167,9 +193,12 @@ class ServicePool:
         every replica at once, and the next one is taken only when the one before has loaded
         everywhere, so at most two buckets are in flight whatever the model's size. A replica that
         dies on the way drops out of this push (Ray brings it back at an older version): it is in
-        the result's ``failed``, for the caller to push again. Returns {failed, bytes, buckets}."""
+        the result's ``failed``, for the caller to push again. Returns {failed, bytes, buckets}.
+        The buckets of a push to every replica stay in the object store until the next one
+        (``latest_weights``)."""
         live = list(range(len(self.actors)) if replicas is None else replicas)
         failed: list[int] = []
+        kept: list = []
 
         def settle(calls: dict) -> list:
             """The answers of ``calls`` (replica -> call); a replica that died drops out, and so
@@ -192,12 +221,16 @@ class ServicePool:
         settle({r: self.actors[r].begin_weights.remote(version) for r in live})
         sizes, previous, count = [], {}, 0
         for bucket in buckets:
+            bucket = bucket if isinstance(bucket, ray.ObjectRef) else ray.put(bucket)
+            kept.append(bucket)
             current = {r: self.actors[r].load_bucket.remote(bucket) for r in live}
             sizes += settle(previous)[:1]  # the bucket before has loaded everywhere (or its replica is out)
             previous = {r: call for r, call in current.items() if r in live}
             count += 1
         sizes += settle(previous)[:1]
         settle({r: self.actors[r].end_weights.remote(version) for r in live})
+        if replicas is None:
+            self.latest_weights = (version, kept)
         return {"failed": failed, "bytes": int(sum(sizes)), "buckets": count}
 
     def _restart(self, replica: int) -> None:
@@ -231,29 +264,58 @@ class ServicePool:
         return any((d := self.deadline(p)) is not None and now >= d for p in parts)
 
     def collect(self, part: _Part):
-        """The answer to ``part``. A replica that died or overran the timeout costs one attempt:
-        a hung replica is killed (Ray restarts it), and the part goes to the least-loaded other
-        replica that is up, or back to the same one once Ray has restarted it (Ray refuses calls
-        to a restarting actor)."""
+        """The answer to ``part``, sent again where needed. A hung replica (no answer within the
+        request timeout) is killed, Ray restarts it, and the part costs one of its
+        ``request_retries``. A part whose replica died (a crash, its node lost) costs none: a lost
+        node is not the request's fault, and Ray's ``max_restarts`` bounds how often a replica may
+        die. Either way the part goes to the least-loaded other replica that is up, or waits (up
+        to ``node_wait_s``) for Ray to bring one back. A replica that answers at an older weight
+        version than the pool's latest (back on a node without its kept weights) is brought up to
+        date and asked again."""
         while True:
             deadline = self.deadline(part)
             try:
-                return ray.get(part.ref, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+                answer = ray.get(part.ref, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+                if not self._behind(answer):
+                    return answer
+                self._bring_up_to_date(part.replica)
+                self._send(part)
+                continue
             except ray.exceptions.GetTimeoutError:
-                cause = f"no answer within request_timeout_s={self.request_timeout_s:g}"
-                ray.kill(self.actors[part.replica], no_restart=False)
+                hung = placed(self.actors[part.replica])  # else it waits for a node with room, not hung
+                if hung:
+                    cause = f"no answer within request_timeout_s={self.request_timeout_s:g}"
+                    ray.kill(self.actors[part.replica], no_restart=False)
+                else:
+                    cause = "the replica is waiting for a node with room (its node was lost)"
             except ray.exceptions.RayActorError as err:
                 cause = f"the replica died ({type(err).__name__})"
+                hung = False
             self._probes.setdefault(part.replica, self.actors[part.replica].info.remote())
             label = f"{self.name}-{part.replica}.{part.method} ({len(part.rows)} sequences)"
-            if part.attempts >= self.request_retries:
+            if hung and part.attempts >= self.request_retries:
                 raise ServiceError(f"{label}: {cause}; gave up after {part.attempts + 1} attempt(s) "
                                    f"(services.*.request_retries={self.request_retries})")
             self.events.append({"event": "request_retried", "service": self.name, "replica": part.replica,
                                 "method": part.method, "cause": cause})
-            part.attempts += 1
+            part.attempts += hung
             part.replica = self._replacement(part.replica)
             self._send(part)
+
+    def _behind(self, answer) -> bool:
+        """A call's answer came from weights older than the latest pushed to every replica."""
+        version = getattr(answer, "version", None)
+        return self.latest_weights is not None and version is not None and version < self.latest_weights[0]
+
+    def _bring_up_to_date(self, replica: int) -> None:
+        """Load the latest pushed weights (kept in the object store) into ``replica``."""
+        version, buckets = self.latest_weights
+        if self.load_weight_buckets(buckets, version, [replica])["failed"]:
+            self._probes.setdefault(replica, self.actors[replica].info.remote())
+            self.wait_until_serving(replica)
+            self.load_weight_buckets(buckets, version, [replica])
+        self.events.append({"event": "replica_brought_up_to_date", "service": self.name, "replica": replica,
+                            "version": version})
 
     def _replacement(self, failed: int) -> int:
         """The least-loaded other replica; with none, ``failed`` itself once Ray has restarted it."""
@@ -265,12 +327,25 @@ class ServicePool:
         self.wait_until_serving(failed)
         return failed
 
-    def wait_until_serving(self, replica: int, timeout_s: float = RESTART_TIMEOUT_S) -> dict:
-        """Block until ``replica`` answers (Ray refuses calls while it restarts); its info."""
+    def wait_until_serving(self, replica: int) -> dict:
+        """Block until ``replica`` answers (Ray refuses calls while it restarts, and a replica whose
+        node was lost waits for a node with room); its info. After ``node_wait_s`` a ServiceError
+        names what the replica needs that the cluster lacks."""
+        label = f"{self.name}-{replica}"
         try:
-            return wait_until_answers(self.actors[replica].info.remote, timeout_s, f"{self.name}-{replica}")
-        except TimeoutError as err:
-            raise ServiceError(str(err)) from None
+            info = wait_until_answers(self.actors[replica].info.remote, self.node_wait_s, label)
+        except TimeoutError:
+            lacking = missing_resources(self.needs, ray.available_resources())
+            why = (f"the cluster is short of {lacking}: start a node with them (ray start --resources for "
+                   "custom ones)" if lacking else "the cluster has room for it: see the replica's log")
+            raise ServiceError(f"{label} did not come back within {self.node_wait_s:g} s (ray.node_wait_s) after "
+                               f"it was lost; one replica needs {self.needs}; {why}") from None
+        except ray.exceptions.RayActorError as err:
+            raise ServiceError(f"{label} is dead for good (Ray restarts a replica services.*.max_restarts "
+                               f"times): {err}") from None
+        if self._probes.pop(replica, None) is not None:  # it was down: say so now, at the version it came back with
+            self._back(replica, info)
+        return info
 
     def down(self) -> set[int]:
         """Replicas that failed and have not answered since (Ray is restarting them)."""
@@ -283,9 +358,12 @@ class ServicePool:
                 self._probes[replica] = self.actors[replica].info.remote()
                 continue
             del self._probes[replica]
-            self.events.append({"event": "replica_restarted", "service": self.name, "replica": replica,
-                                "pid": info["pid"], "version": info["version"]})
+            self._back(replica, info)
         return set(self._probes)
+
+    def _back(self, replica: int, info: dict) -> None:
+        self.events.append({"event": "replica_restarted", "service": self.name, "replica": replica,
+                            "pid": info["pid"], "version": info["version"]})
 
     # -- placement ------------------------------------------------------------------------------
 
@@ -305,6 +383,9 @@ class ServicePool:
         """Assign each row to a replica; returns (replica, rows) for replicas that got any."""
         loads = self.load().astype(np.float64)
         down = self.down()
+        if down and len(down) == len(self.actors):  # every replica lost (a node): wait for one to come back
+            self.wait_until_serving(min(down))
+            down = self.down()
         if len(down) < len(self.actors):  # new work avoids replicas Ray is restarting
             loads[list(down)] = np.inf
         slack = max(work, default=0) * 4  # how much busier a sticky replica may be than the idlest

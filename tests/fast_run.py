@@ -1,14 +1,19 @@
 """One short run of the whole pipeline on the fast embedded build, shared by the tests that read it.
 
 `submit_fast_run` runs it as users do on a cluster of two Ray nodes: `ray start --head` on
-127.0.0.1 (token auth on) advertising `teacher_node`, a second `ray start --address ...` advertising
-`learner_node`, `ray job submit` from the repository root with the roles placed by those resources
-(``TWO_NODES``: the teacher's replicas on the head, the student and the learner ranks on the
-other node, so top-k arrays and weight blobs cross nodes through Ray's object store), wait, then
-stop both nodes. The end-to-end tests read what it leaves (status, logs, the run directory, the
-metrics endpoint scraped while it ran, where Ray placed each actor), and the fault test compares
-its faulted, stopped and resumed run on one local node with it step by step: both use
-``fast_run_overrides``, so they are the same run, on one node and on two.
+127.0.0.1 (token auth on) advertising `learner_node`, a second `ray start --address ...` advertising
+`teacher_node`, `ray job submit` from the repository root with the roles placed by those resources
+(``TWO_NODES``: the teacher's replicas on the second node, the student and the learner ranks on
+the head, so top-k arrays cross nodes through Ray's object store), wait, then stop the nodes.
+
+Midway the teacher's node is lost: once step 2 is logged, its `ray start` process group (raylet,
+workers, vLLM engines) gets SIGKILL, and ``TEACHER_NODE_DOWN_S`` later a new node with the same
+resources joins; the run must wait for it, bring the replicas back there and lose no step.
+
+The end-to-end tests read what it leaves (status, logs, the run directory, the metrics endpoint
+scraped while it ran, where Ray placed each actor), and the fault test compares its faulted,
+stopped and resumed run on one local node with it step by step: both use ``fast_run_overrides``,
+so they are the same run, on one node and on two that lost a node midway.
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 JOB_TIMEOUT_S = 900
 STEPS = 6
+LOSE_TEACHER_NODE_AFTER_STEP = 2
+TEACHER_NODE_DOWN_S = 10.0  # from the SIGKILL to the replacement node's `ray start`
 
 
 def fast_run_overrides(build: Path, run_dir: Path) -> list[str]:
@@ -81,7 +88,10 @@ def _start_node(args: list[str], env: dict) -> subprocess.Popen:
 
 
 def _stop_node(node: subprocess.Popen) -> None:
-    os.killpg(node.pid, signal.SIGTERM)
+    try:
+        os.killpg(node.pid, signal.SIGTERM)
+    except ProcessLookupError:  # the node lost on purpose
+        pass
     node.wait(60)
     try:  # the GCS server can outlive its `ray start` by minutes
         os.killpg(node.pid, signal.SIGKILL)
@@ -89,29 +99,34 @@ def _stop_node(node: subprocess.Popen) -> None:
         pass
 
 
+def _start_teacher_node(port: int, env: dict) -> subprocess.Popen:
+    return _start_node([f"--address=127.0.0.1:{port}", "--num-cpus=4", '--resources={"teacher_node": 2}',
+                        "--object-store-memory=1000000000"], env)
+
+
 @contextmanager
 def ray_cluster_of_two():
     """Two Ray nodes started the way an operator starts them: loopback only, token auth on; the
-    head advertises `teacher_node`, the second node `learner_node` (TWO_NODES places the roles)."""
+    head advertises `learner_node`, the second node `teacher_node` (TWO_NODES places the roles).
+    ``nodes`` in what it yields: the `ray start` processes, the teacher's node last."""
     dashboard, metrics, port = _free_port(), _free_port(), _free_port()
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token",
            "RAY_metrics_report_interval_ms": "1000"}  # gauges reach the endpoint within a second
     subprocess.run([RAY, "get-auth-token", "--generate"], check=True, env=env, capture_output=True)
     nodes = [_start_node(["--head", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                           f"--metrics-export-port={metrics}", f"--port={port}", "--num-cpus=4",
-                          '--resources={"teacher_node": 2}'], env)]
+                          '--resources={"learner_node": 3}'], env)]
     try:
         address = f"http://127.0.0.1:{dashboard}"
         deadline = time.time() + 120
         while not _cli(["job", "list", "--address", address], env).returncode == 0:
             assert nodes[0].poll() is None and time.time() < deadline, "the Ray head did not come up"
             time.sleep(2)
-        nodes.append(_start_node([f"--address=127.0.0.1:{port}", "--num-cpus=4", '--resources={"learner_node": 3}',
-                                  "--object-store-memory=1000000000"], env))
-        while '"learner_node"' not in _cli(["list", "nodes", "--address", address, "--detail", "--format", "json"], env).stdout:
+        nodes.append(_start_teacher_node(port, env))
+        while '"teacher_node"' not in _cli(["list", "nodes", "--address", address, "--detail", "--format", "json"], env).stdout:
             assert nodes[1].poll() is None and time.time() < deadline, "the second Ray node did not join"
             time.sleep(2)
-        yield {"address": address, "metrics": metrics, "env": env}
+        yield {"address": address, "metrics": metrics, "env": env, "port": port, "nodes": nodes}
     finally:
         for node in reversed(nodes):
             _stop_node(node)
@@ -154,8 +169,24 @@ def submit_fast_run(build: Path, run_dir: Path) -> dict:
                     scrapes.append(text)
                 done.wait(0.5)
 
+        # Lose the teacher's node once step 2 is logged (the run then rolls out step 3), then bring
+        # a node with the same resources back.
+        lost = {}
+
+        def lose_the_teacher_node() -> None:
+            while not done.is_set() and _steps_logged(run_dir) < LOSE_TEACHER_NODE_AFTER_STEP:
+                done.wait(0.2)
+            if done.is_set():
+                return
+            os.killpg(head["nodes"][-1].pid, signal.SIGKILL)
+            lost["after_step"] = _steps_logged(run_dir)
+            done.wait(TEACHER_NODE_DOWN_S)
+            head["nodes"].append(_start_teacher_node(head["port"], env))
+
         scraper = threading.Thread(target=scrape, daemon=True)
         scraper.start()
+        loser = threading.Thread(target=lose_the_teacher_node, daemon=True)
+        loser.start()
         status, deadline = "", time.time() + JOB_TIMEOUT_S
         while time.time() < deadline:
             answer = _cli(["job", "status", "--address", address, job_id], env)
@@ -165,10 +196,18 @@ def submit_fast_run(build: Path, run_dir: Path) -> dict:
             time.sleep(2)
         done.set()
         scraper.join()
+        loser.join()
         # The last scrape that carries the switch rate: the run keeps every gauge's last value alive,
         # so it holds the baseline eval, the last step and the stage timings together.
         scraped = next((text for text in reversed(scrapes) if "ray_switchkd_teacher_fraction" in text), "")
         logs = _cli(["job", "logs", "--address", address, job_id], env).stdout
         actors, nodes = _listed("actors", address, env), _listed("nodes", address, env)
     return {"status": status, "logs": logs, "run_dir": run_dir, "metrics_text": scraped, "actors": actors,
-            "nodes": nodes}
+            "nodes": nodes, "teacher_node_lost_after_step": lost.get("after_step")}
+
+
+def _steps_logged(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return sum("loss" in json.loads(line) for line in path.read_text().splitlines() if line.strip())

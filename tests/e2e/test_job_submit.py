@@ -1,6 +1,7 @@
 """The whole pipeline as users run it: a Ray cluster of two nodes on 127.0.0.1 (`ray start --head`,
 then `ray start --address ...`), `ray job submit`, wait (tests/fast_run.py; the session fixture
-`submitted_fast_run` runs it once). The teacher runs on one node, the student and learner on the other.
+`submitted_fast_run` runs it once). The teacher runs on one node, the student and learner on the other;
+the teacher's node is lost midway (SIGKILL) and a new one joins seconds later.
 
 The job must SUCCEED and leave the exported student, the report and the JSONL metrics; Ray's
 metrics endpoint (scraped over loopback while the job runs) must carry the switch rate; every
@@ -38,19 +39,37 @@ def test_job_succeeds_and_leaves_student_report_and_metrics(submitted_fast_run):
 
 def test_teacher_ran_on_one_node_student_and_learner_on_the_other(submitted_fast_run):
     """The roles went where their resources (tests/fast_run.TWO_NODES) put them, read from Ray's
-    state API; the fault test's step-by-step comparison with a one-node run then shows the same
-    tokens and losses across nodes."""
-    advertised = {n["node_id"]: n["resources_total"] for n in submitted_fast_run["nodes"]}
-    assert len(advertised) == 2, advertised
+    state API: the teacher's replicas, after their node was lost, on the node that replaced it;
+    the fault test's step-by-step comparison with a one-node run then shows the same tokens and
+    losses across nodes and through the loss."""
+    nodes = {n["node_id"]: n for n in submitted_fast_run["nodes"]}
+    teacher_nodes = {i for i, n in nodes.items() if "teacher_node" in n["resources_total"]}
+    assert len(nodes) == 3 and len(teacher_nodes) == 2, nodes  # the head, the lost node, its replacement
+    assert sorted(nodes[i]["state"] for i in teacher_nodes) == ["ALIVE", "DEAD"]
     where: dict[str, set] = {}
     for actor in submitted_fast_run["actors"]:
         role = re.match(r"(ModelService\((teacher|student)-\d+\)|LearnerRank)", actor.get("repr_name") or "")
         if role:
             where.setdefault(role.group(2) or "learner", set()).add(actor["node_id"])
     assert set(where) == {"teacher", "student", "learner"}, where
-    assert len(where["teacher"]) == 1 and "teacher_node" in advertised[next(iter(where["teacher"]))]
+    assert len(where["teacher"]) == 1 and nodes[next(iter(where["teacher"]))]["state"] == "ALIVE"
+    assert where["teacher"] <= teacher_nodes
     assert where["student"] == where["learner"] and len(where["learner"]) == 1
-    assert "learner_node" in advertised[next(iter(where["learner"]))] and where["learner"] != where["teacher"]
+    assert "learner_node" in nodes[next(iter(where["learner"]))]["resources_total"]
+
+
+def test_a_lost_teacher_node_costs_no_step(submitted_fast_run):
+    """The teacher's node was killed mid-run (after step 2) and replaced seconds later: the run
+    waited, its teacher replicas came back on the new node, and every step was logged once (the
+    fault test finds each step's tokens and loss equal to a one-node run's)."""
+    assert submitted_fast_run["teacher_node_lost_after_step"] in range(1, STEPS), "the node was lost too late"
+    records = [json.loads(line) for line in (submitted_fast_run["run_dir"] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, STEPS + 1))
+    retried = [r for r in records if r.get("event") == "request_retried" and r["service"] == "teacher"]
+    assert retried and all("died" in r["cause"] for r in retried), retried
+    back = {r["replica"] for r in records if r.get("event") == "replica_restarted" and r["service"] == "teacher"}
+    assert back, "no teacher replica was seen back"
+    assert not any(r.get("event") in ("service_failed", "learner_restarted") for r in records)
 
 
 def test_metrics_endpoint_carries_a_plausible_switch_rate(submitted_fast_run):

@@ -2,6 +2,7 @@
 engine (SIGSTOP), the job stopped with SIGTERM. Nothing may be lost, duplicated or silently stale."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save
 from processes import child_pids
 from orchestrator.launcher import start_service
 from orchestrator.metrics import step_records
+from services.model_service import ModelService
 from services.pool import ServiceError, ServicePool
 from tests.fast_run import STEPS, fast_run_command
 
@@ -67,6 +69,19 @@ def test_killed_and_hung_replicas_retry_and_come_back_at_the_latest_version(ray_
         assert retried == [(1, "no answer within request_timeout_s=20")]
         assert any(e["event"] == "replica_restarted" and e["replica"] == 0 and e["version"] == 1 for e in events)
 
+        # Back where its kept weights are not (another node, no shared storage: here the directory
+        # is gone): it serves the base weights, answers at version 0, and the pool loads it the
+        # latest push from the object store before its answer counts.
+        shutil.rmtree(tmp_path / "weights" / "student-0")
+        os.kill(pool.wait_until_serving(0)["pid"], signal.SIGKILL)
+        time.sleep(1.0)
+        assert pool.wait_until_serving(0)["version"] == 0
+        got = pool.generate(prompts, 24, 5, 0.0).result()
+        np.testing.assert_array_equal(got.tokens, expected.tokens)
+        assert got.version == 1 and pool.versions() == [1, 1]
+        caught_up = [e for e in pool.take_events() if e["event"] == "replica_brought_up_to_date"]
+        assert [(e["replica"], e["version"]) for e in caught_up] == [(0, 1)]
+
         # Retries spent: a clear error that names the replica, the call and the setting.
         one_shot = ServicePool([pool.actors[0]], "student", request_timeout_s=3.0, request_retries=0)
         os.kill(ray_cluster.get(pool.actors[0].info.remote())["pid"], signal.SIGSTOP)
@@ -76,6 +91,26 @@ def test_killed_and_hung_replicas_retry_and_come_back_at_the_latest_version(ray_
     finally:
         for actor in pool.actors:
             ray_cluster.kill(actor, no_restart=True)
+
+
+def test_a_replica_with_no_node_to_come_back_to_names_what_is_missing(ray_cluster, embedded_data, cpu_engine):
+    """A replica whose node is gone for good waits ray.node_wait_s for room, then a ServiceError
+    names the resources no node offers (here a node group the cluster never had: Ray keeps the
+    actor pending, as it does a replica whose only node was lost)."""
+    needs = {"CPU": 1.0, "lost_node": 1.0}
+    orphan = ray_cluster.remote(ModelService).options(num_cpus=1, resources={"lost_node": 1}).remote(
+        str(embedded_data["dir"] / "teacher"), cpu_engine, embedded_data["eos"], 0, "teacher-0")
+    # A call to it waits (Ray queues it): after request_timeout_s the pool finds the replica not
+    # placed, so not hung, and waits node_wait_s for it before giving up.
+    pool = ServicePool([orphan], "teacher", request_timeout_s=2.0, node_wait_s=3.0, needs=needs)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ServiceError, match=r"teacher-0 did not come back within 3 s \(ray.node_wait_s\).*"
+                                               r"short of 1 lost_node \(the cluster has 0\)"):
+            pool.generate(embedded_data["prompts"][:2], 8, 5, 0.0).result()
+        assert time.monotonic() - started >= 2.0 + 3.0
+    finally:
+        ray_cluster.kill(orphan, no_restart=True)
 
 
 # -- a whole run ------------------------------------------------------------------------------------

@@ -126,6 +126,9 @@ class FakeLearner:
     def save_checkpoint(self, run_dir, step, state):
         self.saved = state
 
+    def shutdown(self, graceful=True):
+        self.shut_down = True
+
 
 class FakeStudentPool:
     """Stands in for the student pool: records which blob each version got (pure logic)."""
@@ -203,6 +206,27 @@ def test_a_push_that_cannot_complete_checkpoints_the_step_and_names_the_replica(
     records = read_records(tmp_path)
     assert [r["step"] for r in records if "loss" in r] == [1]
     assert any(r.get("event") == "push_failed" and r["weight_version"] == 1 for r in records)
+
+
+def test_a_service_lost_for_good_checkpoints_the_last_step_and_says_why(tmp_path):
+    """A teacher replica that no node took back within ray.node_wait_s ends the run (distill
+    raises the ServiceError after ``failed``): the last finished step is checkpointed first."""
+    from orchestrator.config import load_config
+    from orchestrator.steps import EvalSet, TrainingLoop
+    from services.pool import ServiceError
+
+    cfg = load_config(None, ["schedule.steps=4", "schedule.eval_every=100", "schedule.checkpoint_every=100"])
+    learner = FakeLearner()
+    loop = TrainingLoop(cfg, tmp_path, RunMetrics(tmp_path, "test", export_to_ray=False), learner,
+                        FakeStudentPool(), EvalSet(None, None, 64), pools=[])
+    loop.progress = lambda step, record: None
+    assert loop.train_on(_batch_for_metrics(), 1.0, examples_used=2)
+    assert not hasattr(learner, "saved")  # checkpoint_every=100: nothing saved yet
+    loop.failed(ServiceError("teacher-0 did not come back within 600 s (ray.node_wait_s) ..."))
+    assert learner.saved["step"] == 1 and learner.shut_down
+    failed = [r for r in read_records(tmp_path) if r.get("event") == "service_failed"]
+    assert failed == [{"event": "service_failed", "step": 1,
+                       "error": "teacher-0 did not come back within 600 s (ray.node_wait_s) ..."}]
 
 
 class FakeOverlapLearner(FakeLearner):
