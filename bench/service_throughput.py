@@ -4,7 +4,7 @@
 
 On the embedded teacher (scoring) and student (generation): a batch of ``rows`` sequences of
 ``tokens`` response tokens. Prints tokens/s, and the share of the service's wall time spent
-turning vLLM's outputs into arrays (``convert_seconds / seconds``, measured inside the actor).
+turning vLLM's outputs into arrays (``times.convert_seconds / times.seconds``, measured inside the actor).
 Then the time of ``load_weights`` into a running engine for the embedded student and for a
 random ~100 MB Llama. Figures only: nothing here asserts a time.
 """
@@ -104,16 +104,16 @@ def main() -> None:
     raise_errors(gen)
     tokens = int(gen.lengths.sum())
     print(f"student generate: {tokens} tokens in {gen_s:.2f}s = {tokens / gen_s:.0f} tok/s; "
-          f"conversion {gen.convert_seconds:.3f}s = {gen.convert_seconds / gen.seconds:.1%} of the service's "
-          f"{gen.seconds:.2f}s")
+          f"conversion {gen.times.convert_seconds:.3f}s = {gen.times.convert_seconds / gen.times.seconds:.1%} of the service's "
+          f"{gen.times.seconds:.2f}s")
 
     sequences = [p + gen.tokens[i, : gen.lengths[i]].tolist() for i, p in enumerate(prompts)]
     starts = [len(p) for p in prompts]
     score_s, scored = best(lambda: teacher.score(sequences, starts, args.k).result())
     raise_errors(scored)
     print(f"teacher score:    {tokens} tokens in {score_s:.2f}s = {tokens / score_s:.0f} tok/s; "
-          f"conversion {scored.convert_seconds:.3f}s = {scored.convert_seconds / scored.seconds:.1%} of the "
-          f"service's {scored.seconds:.2f}s")
+          f"conversion {scored.times.convert_seconds:.3f}s = {scored.times.convert_seconds / scored.times.seconds:.1%} of the "
+          f"service's {scored.times.seconds:.2f}s")
 
     state = load_file(str(root / "student" / "model.safetensors"))
     if "lm_head.weight" not in state:  # vLLM's reload wants it even when tied

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +40,34 @@ from services.process_guard import guard_children
 
 
 @dataclass
+class CallTimes:
+    """Where a call's time went inside the actor. ``received_at``/``answered_at`` are wall-clock
+    (time.time()) so a caller on the same machine can tell Ray's share from the service's."""
+
+    received_at: float = 0.0  # the method started
+    answered_at: float = 0.0  # the method returned its answer
+    engine_seconds: float = 0.0  # in vLLM's engine.step() calls
+    engine_steps: int = 0
+    convert_seconds: float = 0.0  # vLLM's outputs to arrays
+
+    @property
+    def seconds(self) -> float:
+        return self.answered_at - self.received_at
+
+
+def merge_times(parts: list[CallTimes]) -> CallTimes:
+    """The times of one call split over replicas that ran side by side: the span, and each part's slowest."""
+    return CallTimes(min(t.received_at for t in parts), max(t.answered_at for t in parts),
+                     max(t.engine_seconds for t in parts), max(t.engine_steps for t in parts),
+                     max(t.convert_seconds for t in parts))
+
+
+@dataclass
 class ScoreResult:
     topk: TopK  # [N, T, k]: response positions of each sequence, padded
     version: int
     errors: list[str | None]
-    seconds: float = 0.0
-    convert_seconds: float = 0.0
+    times: CallTimes = field(default_factory=CallTimes)
 
 
 @dataclass
@@ -56,8 +78,7 @@ class GenerateResult:
     topk: TopK  # [N, T, k]; token_logprob is the sampled token's logprob
     version: int
     errors: list[str | None]
-    seconds: float = 0.0
-    convert_seconds: float = 0.0
+    times: CallTimes = field(default_factory=CallTimes)
 
 
 class RequestError(ValueError):
@@ -98,7 +119,7 @@ class ModelService:
         """The model's top-k at positions ``response_starts[i]:`` of each sequence, in one prefill."""
         from vllm import SamplingParams
 
-        started = time.perf_counter()
+        times = CallTimes(received_at=time.time())
         errors = [self._check_sequence(seq, k, extra_tokens=1) for seq in sequences]
         for i, (seq, start) in enumerate(zip(sequences, response_starts)):
             if errors[i] is None and not 1 <= start <= len(seq):
@@ -106,7 +127,7 @@ class ModelService:
         kk = min(k, self.vocab_size)
         # max_tokens=1: vLLM needs one step to return; only the prompt's logprobs are read.
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=kk, flat_logprobs=True, detokenize=False)
-        outputs = self._run({i: (sequences[i], params) for i in range(len(sequences)) if errors[i] is None})
+        outputs = self._run({i: (sequences[i], params) for i in range(len(sequences)) if errors[i] is None}, times)
 
         convert_started = time.perf_counter()
         length = max([len(s) - r for s, r, e in zip(sequences, response_starts, errors) if e is None] or [0])
@@ -114,8 +135,9 @@ class ModelService:
         for i, out in outputs.items():
             ids, logprobs = flat_to_arrays(out.prompt_logprobs, response_starts[i], kk)
             fill_topk(topk, i, ids, logprobs)
-        done = time.perf_counter()
-        return ScoreResult(topk, self.version, errors, done - started, done - convert_started)
+        times.convert_seconds = time.perf_counter() - convert_started
+        times.answered_at = time.time()
+        return ScoreResult(topk, self.version, errors, times)
 
     def generate(
         self,
@@ -134,7 +156,7 @@ class ModelService:
         """
         from vllm import SamplingParams
 
-        started = time.perf_counter()
+        times = CallTimes(received_at=time.time())
         n = len(prefixes)
         budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
         errors = [self._check_sequence(p, k, extra_tokens=b) for p, b in zip(prefixes, budgets)]
@@ -153,7 +175,7 @@ class ModelService:
                     seed=None if seeds is None else int(seeds[i]),
                 )
                 requests[i] = (prefixes[i], params)
-        outputs = self._run(requests)
+        outputs = self._run(requests, times)
 
         convert_started = time.perf_counter()
         lengths = np.zeros(n, dtype=np.int64)
@@ -168,8 +190,9 @@ class ModelService:
             finished_eos[i] = lengths[i] > 0 and completion.token_ids[-1] == self.eos_token_id
             ids, logprobs = flat_to_arrays(completion.logprobs, 0, kk)
             fill_topk(topk, i, ids, logprobs)
-        done = time.perf_counter()
-        return GenerateResult(tokens, lengths, finished_eos, topk, self.version, errors, done - started, done - convert_started)
+        times.convert_seconds = time.perf_counter() - convert_started
+        times.answered_at = time.time()
+        return GenerateResult(tokens, lengths, finished_eos, topk, self.version, errors, times)
 
     def begin_weights(self, version: int) -> None:
         """Open a streamed load of weight ``version``: its buckets follow (``load_bucket``), then
@@ -270,14 +293,14 @@ class ModelService:
             return f"k={k} is above this engine's max_logprobs={self.max_logprobs}"
         return None
 
-    def _run(self, requests: dict) -> dict:
-        """Run the requests through the engine; outputs by index."""
+    def _run(self, requests: dict, times: CallTimes) -> dict:
+        """Run the requests through the engine; outputs by index. Adds the engine steps to ``times``."""
         if self._incoming is not None:
             raise RuntimeError(f"{self.name}: weight version {self._incoming['version']} is being loaded; "
                                "requests wait for end_weights")
         outputs = {}
         for wave in self._waves(requests):
-            outputs.update(self._run_wave(wave))
+            outputs.update(self._run_wave(wave, times))
         return outputs
 
     def _waves(self, requests: dict) -> list[dict]:
@@ -296,7 +319,7 @@ class ModelService:
             tokens += len(prompt)
         return waves + [wave] if wave else waves
 
-    def _run_wave(self, requests: dict) -> dict:
+    def _run_wave(self, requests: dict, times: CallTimes) -> dict:
         from vllm.inputs import TokensPrompt
 
         ids = {}
@@ -307,7 +330,11 @@ class ModelService:
             self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(map(int, tokens))), params)
         outputs = {}
         while self.engine.has_unfinished_requests():
-            for out in self.engine.step():
+            step_started = time.perf_counter()
+            step = self.engine.step()
+            times.engine_seconds += time.perf_counter() - step_started
+            times.engine_steps += 1
+            for out in step:
                 if out.finished:
                     outputs[ids[out.request_id]] = out
         return outputs

@@ -18,6 +18,7 @@ from ray._private import state as ray_state
 from ray.util.placement_group import remove_placement_group
 
 from protocol.topk import PAD_ID, TopK
+from services.model_service import merge_times
 
 STICKY_KEYS_KEPT = 100_000
 RESTART_TIMEOUT_S = 600.0  # how long a call waits for Ray to bring a replica back (the run passes ray.node_wait_s)
@@ -430,8 +431,8 @@ def merge_parts(parts: list, rows: list[np.ndarray], n: int):
             merged[f.name] = errors
         elif f.name == "version":
             merged[f.name] = min(values)  # replicas always agree after load_weights; min is the safe side
-        elif f.name in ("seconds", "convert_seconds"):
-            merged[f.name] = max(values)
+        elif f.name == "times":
+            merged[f.name] = merge_times(values)
         else:
             merged[f.name] = values[0]
     return replace(first, **merged)
