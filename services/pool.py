@@ -336,9 +336,11 @@ class ServicePool:
         try:
             info = wait_until_answers(self.actors[replica].info.remote, self.node_wait_s, label)
         except TimeoutError:
-            lacking = missing_resources(self.needs, ray.available_resources())
+            # The nodes' totals, not what is free: a replica placed and still starting holds its share.
+            lacking = missing_resources(self.needs, ray.cluster_resources())
             why = (f"the cluster is short of {lacking}: start a node with them (ray start --resources for "
-                   "custom ones)" if lacking else "the cluster has room for it: see the replica's log")
+                   "custom ones)" if lacking else "the cluster has nodes with what it needs (it may still be "
+                   "starting there, or failing to: see the replica's log)")
             raise ServiceError(f"{label} did not come back within {self.node_wait_s:g} s (ray.node_wait_s) after "
                                f"it was lost; one replica needs {self.needs}; {why}") from None
         except ray.exceptions.RayActorError as err:

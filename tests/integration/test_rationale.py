@@ -44,7 +44,7 @@ def _wait_shards(run: subprocess.Popen, cache: Path, n: int, timeout: float = 30
 
 def test_killed_stage_resumes_to_the_same_rationales_and_a_run_trains_on_them(embedded_fast, tmp_path):
     clean, broken = tmp_path / "clean", tmp_path / "broken"
-    whole = subprocess.run(_stage(embedded_fast, clean), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    whole = subprocess.run(_stage(embedded_fast, clean), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=1800)
     assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
     expected = _shards(clean)
     assert len(expected) == 6  # 48 rows in shards of 8
@@ -68,7 +68,7 @@ def test_killed_stage_resumes_to_the_same_rationales_and_a_run_trains_on_them(em
     assert 3 <= len(before) < 6
 
     resumed = subprocess.run(_stage(embedded_fast, broken), cwd=REPO, env=ENV, capture_output=True, text=True,
-                             timeout=600)
+                             timeout=1800)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"{6 - len(before)} of 6 shards to do" in resumed.stdout
     got = _shards(broken)
@@ -90,7 +90,7 @@ def test_killed_stage_resumes_to_the_same_rationales_and_a_run_trains_on_them(em
          *_overrides(embedded_fast, tmp_path / "run-cache"), f"output_dir={run_dir}", "sft.train_rows=32",
          "rollout.prompts_per_step=32", "rollout.max_new_tokens=96", "schedule.steps=8", "schedule.eval_every=100",
          "schedule.checkpoint_every=100", "schedule.eval_examples=8", "schedule.max_train_tokens=7000"],
-        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=1800)
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     progress = [r["attribution_progress"] for r in records if "attribution_progress" in r]
