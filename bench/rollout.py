@@ -8,6 +8,9 @@ For SWITCH and AdaSwitch on the same prompts: wall time of lockstep, of draft-ve
 student-only rollout and of one teacher scoring pass over the student's tokens. Prints
 draft-verify / lockstep, draft-verify / (student-only + teacher scoring) = "the floor", the
 coordinator's own CPU time as a share of the rollout's wall time, and round trips per sequence.
+With --serial, also draft-verify on a second pair of engines that serve one call at a time
+(services.*.concurrent_calls=1, how services ran before calls shared the running batch), on the
+same prompts, and the ratio of the two.
 With --learner, also a DeepSpeed learner on the student: train tokens/s on the draft-verify batch
 and the weight push's time as a share of the whole step (rollout + train + push).
 Figures only: nothing here asserts a time.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -36,6 +40,8 @@ def main() -> None:
                         help="extra SWITCH runs at these thresholds: fewer hand-overs, to show what limits the ratio")
     parser.add_argument("--policies", nargs="+", default=["switch", "adaswitch"], choices=["switch", "adaswitch"])
     parser.add_argument("--learner", action="store_true", help="also time a train step and a weight push")
+    parser.add_argument("--serial", action="store_true",
+                        help="also draft-verify on engines that serve one call at a time (concurrent_calls=1)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -59,6 +65,11 @@ def main() -> None:
     eos = tokenizer.eos_token_id
     teacher = start_service("teacher", cfg.models.teacher, cfg.services.teacher, eos, cfg.seed)
     student = start_service("student", cfg.models.student, cfg.services.student, eos, cfg.seed)
+    serial = None
+    if args.serial:
+        one_at_a_time = lambda engine: replace(engine, concurrent_calls=1)  # noqa: E731
+        serial = (start_service("teacher-serial", cfg.models.teacher, one_at_a_time(cfg.services.teacher), eos, cfg.seed),
+                  start_service("student-serial", cfg.models.student, one_at_a_time(cfg.services.student), eos, cfg.seed))
     max_model_len = min(cfg.services.teacher.max_model_len, cfg.services.student.max_model_len)
     k, rows = cfg.rollout.top_k, np.arange(len(prompts))
     print(f"{len(prompts)} prompts x {args.new_tokens} new tokens, k={k}, "
@@ -99,6 +110,10 @@ def main() -> None:
             repeats = 1 if strategy == "lockstep" else args.repeats  # lockstep is the slow reference
             runs = [timed(lambda: run_rollout(ro, prompts, None, rows, cfg.seed, 0)) for _ in range(repeats)]
             results[strategy] = min(runs, key=lambda r: r[1])
+        if serial is not None:
+            ro = Rollout(cfg_run.policy, cfg_run.rollout, *serial, eos, max_model_len, teacher.vocab_size)
+            runs = [timed(lambda: run_rollout(ro, prompts, None, rows, cfg.seed, 0)) for _ in range(args.repeats)]
+            results["serial"] = min(runs, key=lambda r: r[1])
         dv_batch, dv_s, dv_cpu = results["draft_verify"]
         _, lock_s, lock_cpu = results["lockstep"]
         s = dv_batch.stats
@@ -111,6 +126,11 @@ def main() -> None:
               f"round trips/seq {calls.mean():.2f} (teacher {s['teacher_calls'].mean():.2f}, student {s['student_calls'].mean():.2f})")
         print(f"  draft-verify / lockstep = {dv_s / lock_s:.3f}  (speed-up {lock_s / dv_s:.1f}x)")
         print(f"  draft-verify / floor    = {dv_s / floor:.3f}")
+        if serial is not None:
+            serial_batch, serial_s, _ = results["serial"]
+            serial_calls = serial_batch.stats["teacher_calls"] + serial_batch.stats["student_calls"]
+            print(f"  draft-verify, one call at a time per engine {serial_s:8.2f}s (round trips/seq "
+                  f"{serial_calls.mean():.2f}): sharing the running batch is {serial_s / dv_s:.2f}x faster")
         last_batch, last_rollout_s = dv_batch, dv_s
     if args.learner:
         learner_figures(cfg, student, last_batch, last_rollout_s)

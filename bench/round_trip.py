@@ -20,14 +20,15 @@ requests up yet; ~0.1 ms), so at batch 1 the engine time is vLLM's own step time
 goal is a batch-1 round trip within 2x of it. The actor stamps its times (``CallTimes``) with the wall
 clock, and caller and actors share one machine, so the parts add up to the round trip. Then the
 queueing behind a long call: a one-row score sent to the student engine while a 32-row draft of
-``--draft-tokens`` runs there, as a verify waits behind a draft today. Each figure is the median
+``--draft-tokens`` runs there, on the replica the config makes (calls share its running batch)
+and, side by side, on one that serves one call at a time (``concurrent_calls=1``). Each figure is the median
 over ``--repeats`` calls after one warm-up. Figures only: nothing here asserts a time.
 """
 from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -135,19 +136,26 @@ def main() -> None:
             split = measure(lambda: pool.score(sequences[:batch], starts[:batch], k), args.repeats)
             print(row(name, f"score {args.score_tokens} positions", batch, split), flush=True)
 
-    # Queueing: a Ray actor runs one call at a time, so a one-row verify waits for a running draft.
-    student = engines["student"]
-    alone = measure(lambda: student.score(sequences[:1], starts[:1], k), args.repeats)
-    behind = []
-    for _ in range(args.repeats):
-        draft = student.generate(prompts, args.draft_tokens, k, 0.0)
-        time.sleep(0.05)  # the draft is running
-        behind.append(timed_call(lambda: student.score(sequences[:1], starts[:1], k)))
-        draft.result()
-    behind = median_split(behind)
-    print(f"\none-row score on the student engine: {1000 * alone.total:.1f} ms alone, {1000 * behind.total:.1f} ms "
-          f"sent while a {n}-row draft of {args.draft_tokens} tokens runs there, of which "
-          f"{1000 * behind.ray_in:.1f} ms waiting to start (Ray in) and {1000 * behind.engine:.1f} ms in the engine")
+    # Queueing: a one-row verify sent while a draft runs on the same replica. It joins the draft's
+    # running batch (services.*.concurrent_calls); side by side, a replica serving one call at a
+    # time (concurrent_calls=1, how services ran before), where it waits for the draft to finish.
+    serial = start_service("student-serial", cfg.models.student,
+                           replace(cfg.services.student, concurrent_calls=1), eos, cfg.seed)
+    serial.score(sequences[:1], starts[:1], k).result()  # warm-up
+    print()
+    for label, student in (("shared batch", engines["student"]), ("one call at a time", serial)):
+        alone = measure(lambda: student.score(sequences[:1], starts[:1], k), args.repeats)
+        behind = []
+        for _ in range(args.repeats):
+            draft = student.generate(prompts, args.draft_tokens, k, 0.0)
+            time.sleep(0.05)  # the draft is running
+            behind.append(timed_call(lambda: student.score(sequences[:1], starts[:1], k)))
+            draft.result()
+        behind = median_split(behind)
+        print(f"one-row score on the student engine ({label}): {1000 * alone.total:.1f} ms alone, "
+              f"{1000 * behind.total:.1f} ms sent while a {n}-row draft of {args.draft_tokens} tokens runs there, "
+              f"of which {1000 * behind.ray_in:.1f} ms waiting to start (Ray in) and {1000 * behind.engine:.1f} ms "
+              f"in the engine ({behind.engine_steps} steps)", flush=True)
     ray.shutdown()
 
 

@@ -148,6 +148,7 @@ def start_service(name: str, model: str, engine: EngineConfig, eos_token_id: int
         actor_cls.options(
             **engine_options(engine, groups[i]),
             max_restarts=engine.max_restarts,
+            max_concurrency=engine.concurrent_calls,  # calls share the running batch (services/model_service.py)
             max_task_retries=0,  # the pool retries, so it can move a call to another replica and count it
             # vLLM's INFO and WARNING lines (per engine step, per weight load) drown the progress line.
             runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}},

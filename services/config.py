@@ -24,6 +24,11 @@ class EngineConfig:
     # vLLM's own engine metrics (queue, KV cache, throughput) on Ray's Prometheus endpoint.
     export_engine_metrics: bool = True
     replicas: int = 1
+    # Calls one replica serves at once (Ray's max_concurrency): their requests share the engine's
+    # running batch, so a short verify returns beside a long draft instead of after it. 1: one
+    # call at a time, each waiting for the one before (how services ran before; bench/rollout.py
+    # compares the two).
+    concurrent_calls: int = 16
     # Ray resources per replica: GPU clusters set num_gpus = tensor_parallel_size.
     num_cpus: float = 1.0
     num_gpus: float = 0.0
@@ -43,7 +48,8 @@ class EngineConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("max_model_len", "max_logprobs", "tensor_parallel_size", "replicas", "cpu_kv_cache_gb"):
+        for name in ("max_model_len", "max_logprobs", "tensor_parallel_size", "replicas", "cpu_kv_cache_gb",
+                     "concurrent_calls"):
             if getattr(self, name) < 1 and not (name == "max_logprobs" and self.max_logprobs == -1):
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if not 0 < self.gpu_memory_utilization <= 1:

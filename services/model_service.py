@@ -18,6 +18,13 @@ coordinator owns it). Results come back as padded numpy arrays (TopK) plus the w
 that produced them. A bad request (too long, empty, ids outside the vocabulary, k above
 max_logprobs) is reported in ``errors`` for its index; the others are served.
 
+Calls share the engine. Started with ``max_concurrency`` > 1 (``services.*.concurrent_calls``),
+Ray runs several calls at once in threads; each adds its requests to the one engine, and
+whichever call holds the engine lock steps it for all of them, so a one-row verify joins the
+batch of a running 200-token draft and returns as soon as its own rows finish, instead of
+waiting for the draft. A weight load waits until no call is in flight (stepping the engine
+meanwhile), so every answer was computed by one weight version, the one it reports.
+
 Every script that creates one must sit under ``if __name__ == "__main__":``: vLLM spawns its
 engine process.
 """
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,12 +110,24 @@ class ModelService:
         self.max_logprobs = engine.max_logprobs
         self.version = 0
         self._request_counter = 0
+        # The engine is shared by the calls in flight: one thread at a time adds requests, steps
+        # it or loads weights (_engine_lock). One call steps it for all (_stepping); the others
+        # wait on _stepped and look after each step whether their requests are done, so a finished
+        # short call returns at once instead of queueing for the lock behind a long one.
+        self._engine_lock = threading.Lock()
+        self._stepped = threading.Condition()
+        self._stepping = False
+        self._in_flight: dict[int, CallTimes] = {}  # calls between admission and answer, by id()
+        self._owners: dict[str, tuple[dict, int]] = {}  # request id -> (its call's outputs, its index)
+        self._prefilling: dict[str, int] = {}  # request id -> prompt tokens, until its first output
+        self._prefill_tokens = 0  # their sum (read without the lock: an int, not a dict being changed)
         self.engine = _make_engine(model, engine, seed)
         self.vocab_size = self.engine.model_config.get_vocab_size()
         from vllm.platforms import current_platform
 
         self._on_cpu = current_platform.is_cpu()
         self._step_token_budget = self.engine.vllm_config.scheduler_config.max_num_batched_tokens
+        self._max_num_seqs = self.engine.vllm_config.scheduler_config.max_num_seqs
         self._incoming: dict | None = None  # the streamed weight load in progress
         self.weights_dir = Path(weights_dir) if weights_dir else None
         if self.weights_dir is not None:
@@ -127,7 +147,8 @@ class ModelService:
         kk = min(k, self.vocab_size)
         # max_tokens=1: vLLM needs one step to return; only the prompt's logprobs are read.
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=kk, flat_logprobs=True, detokenize=False)
-        outputs = self._run({i: (sequences[i], params) for i in range(len(sequences)) if errors[i] is None}, times)
+        outputs, version = self._run({i: (sequences[i], params) for i in range(len(sequences)) if errors[i] is None},
+                                     times)
 
         convert_started = time.perf_counter()
         length = max([len(s) - r for s, r, e in zip(sequences, response_starts, errors) if e is None] or [0])
@@ -137,7 +158,7 @@ class ModelService:
             fill_topk(topk, i, ids, logprobs)
         times.convert_seconds = time.perf_counter() - convert_started
         times.answered_at = time.time()
-        return ScoreResult(topk, self.version, errors, times)
+        return ScoreResult(topk, version, errors, times)
 
     def generate(
         self,
@@ -175,7 +196,7 @@ class ModelService:
                     seed=None if seeds is None else int(seeds[i]),
                 )
                 requests[i] = (prefixes[i], params)
-        outputs = self._run(requests, times)
+        outputs, version = self._run(requests, times)
 
         convert_started = time.perf_counter()
         lengths = np.zeros(n, dtype=np.int64)
@@ -192,7 +213,7 @@ class ModelService:
             fill_topk(topk, i, ids, logprobs)
         times.convert_seconds = time.perf_counter() - convert_started
         times.answered_at = time.time()
-        return GenerateResult(tokens, lengths, finished_eos, topk, self.version, errors, times)
+        return GenerateResult(tokens, lengths, finished_eos, topk, version, errors, times)
 
     def begin_weights(self, version: int) -> None:
         """Open a streamed load of weight ``version``: its buckets follow (``load_bucket``), then
@@ -200,14 +221,20 @@ class ModelService:
         is closed first; this load then replaces its partial one."""
         if version <= self.version:
             raise ValueError(f"{self.name}: weight version {version} is not newer than the loaded {self.version}")
-        self._open_stream(version, keep=self.weights_dir is not None)
+        while True:  # the calls in flight finish on the weights they started with
+            self._step_until(lambda: not self._in_flight)
+            with self._engine_lock:
+                if not self._in_flight:  # none admitted since
+                    self._open_stream(version, keep=self.weights_dir is not None)
+                    return
 
     def load_bucket(self, blob: bytes) -> int:
         """One bucket (a safetensors blob of some of the HF state dict's tensors) into the open
         load; returns its size in bytes."""
         if self._incoming is None:
             raise ValueError(f"{self.name}: load_bucket without begin_weights")
-        self.engine.collective_rpc("feed_weight_bucket", args=(blob,))
+        with self._engine_lock:
+            self.engine.collective_rpc("feed_weight_bucket", args=(blob,))
         if self._incoming["staging"] is not None:
             write_atomic(self._incoming["staging"] / f"part-{self._incoming['parts']:05d}.safetensors", blob)
         self._incoming["parts"] += 1
@@ -218,9 +245,10 @@ class ModelService:
         if self._incoming is None or self._incoming["version"] != version:
             raise ValueError(f"{self.name}: end_weights({version}) without its begin_weights")
         staging = self._incoming["staging"]
-        self._close_stream()
-        self.engine.reset_prefix_cache()  # cached KV blocks were computed with the old weights
-        self.version = version
+        with self._engine_lock:
+            self._close_stream()
+            self.engine.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+            self.version = version
         if staging is not None:  # the complete version replaces the kept one
             kept = staging.with_name(f"v{version:06d}")
             os.replace(staging, kept)
@@ -293,15 +321,24 @@ class ModelService:
             return f"k={k} is above this engine's max_logprobs={self.max_logprobs}"
         return None
 
-    def _run(self, requests: dict, times: CallTimes) -> dict:
-        """Run the requests through the engine; outputs by index. Adds the engine steps to ``times``."""
-        if self._incoming is not None:
-            raise RuntimeError(f"{self.name}: weight version {self._incoming['version']} is being loaded; "
-                               "requests wait for end_weights")
-        outputs = {}
-        for wave in self._waves(requests):
-            outputs.update(self._run_wave(wave, times))
-        return outputs
+    def _run(self, requests: dict, times: CallTimes) -> tuple[dict, int]:
+        """Run the requests through the engine, beside those of the other calls in flight; their
+        outputs by index and the weight version that computed them. ``times`` gets the engine
+        steps taken while the call was in flight."""
+        with self._engine_lock:
+            if self._incoming is not None:
+                raise RuntimeError(f"{self.name}: weight version {self._incoming['version']} is being loaded; "
+                                   "requests wait for end_weights")
+            self._in_flight[id(times)] = times
+            version = self.version  # no load starts while this call is in flight
+        try:
+            outputs = {}
+            for wave in self._waves(requests):
+                outputs.update(self._run_wave(wave))
+            return outputs, version
+        finally:
+            with self._engine_lock:
+                del self._in_flight[id(times)]
 
     def _waves(self, requests: dict) -> list[dict]:
         """All requests at once, except for seeded sampling on vLLM's CPU build: there a prompt
@@ -319,25 +356,75 @@ class ModelService:
             tokens += len(prompt)
         return waves + [wave] if wave else waves
 
-    def _run_wave(self, requests: dict, times: CallTimes) -> dict:
+    def _run_wave(self, requests: dict) -> dict:
+        """Add the requests to the engine and step it until every one of them has finished."""
         from vllm.inputs import TokensPrompt
 
-        ids = {}
-        for index, (tokens, params) in requests.items():
-            self._request_counter += 1
-            request_id = f"{self.name}-{self._request_counter}"
-            ids[request_id] = index
-            self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(map(int, tokens))), params)
         outputs = {}
-        while self.engine.has_unfinished_requests():
-            step_started = time.perf_counter()
-            step = self.engine.step()
-            times.engine_seconds += time.perf_counter() - step_started
-            times.engine_steps += 1
-            for out in step:
-                if out.finished:
-                    outputs[ids[out.request_id]] = out
+        unchunked = self._on_cpu and any(params.seed is not None for _, params in requests.values())
+        prompt_tokens = sum(len(tokens) for tokens, _ in requests.values())
+        while True:
+            if unchunked:  # seeded prompts must not be chunked (see _waves): wait for room in one step
+                self._step_until(lambda: self._fits_one_step(len(requests), prompt_tokens))
+            with self._engine_lock:
+                if not unchunked or self._fits_one_step(len(requests), prompt_tokens):
+                    for index, (tokens, params) in requests.items():
+                        self._request_counter += 1
+                        request_id = f"{self.name}-{self._request_counter}"
+                        self._owners[request_id] = (outputs, index)
+                        self._prefilling[request_id] = len(tokens)
+                        self._prefill_tokens += len(tokens)
+                        self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(map(int, tokens))),
+                                                params)
+                    break
+        self._step_until(lambda: len(outputs) == len(requests))
         return outputs
+
+    def _fits_one_step(self, n: int, prompt_tokens: int) -> bool:
+        """``n`` prompts of ``prompt_tokens`` in all would be prefilled whole in the next step, beside
+        the prompts still waiting for theirs and one decode token per running request."""
+        if not self._owners:
+            return True
+        return (len(self._owners) + n <= self._max_num_seqs
+                and self._prefill_tokens + len(self._owners) + prompt_tokens <= self._step_token_budget)
+
+    def _step_until(self, done) -> None:
+        """Step the engine, for every call in flight, until ``done()``. One thread steps at a time;
+        the others wait and check ``done()`` after each step (another call's thread may step this
+        one's requests to the end)."""
+        while True:
+            with self._stepped:
+                while self._stepping and not done():
+                    self._stepped.wait()
+                if done():
+                    return
+                self._stepping = True
+            try:
+                stepped = self._step_once()
+            finally:
+                with self._stepped:
+                    self._stepping = False
+                    self._stepped.notify_all()
+            if not stepped:
+                time.sleep(0.001)  # nothing to step: another call is between its waves, or admitting
+
+    def _step_once(self) -> bool:
+        """One engine step; hands each finished request's output to its call. False: nothing to step."""
+        with self._engine_lock:
+            if not self.engine.has_unfinished_requests():
+                return False
+            started = time.perf_counter()
+            step_outputs = self.engine.step()
+            spent = time.perf_counter() - started
+            for times in self._in_flight.values():
+                times.engine_seconds += spent
+                times.engine_steps += 1
+            for out in step_outputs:
+                self._prefill_tokens -= self._prefilling.pop(out.request_id, 0)
+                if out.finished:
+                    outputs, index = self._owners.pop(out.request_id)
+                    outputs[index] = out
+            return True
 
 
 def _make_engine(model: str, cfg: EngineConfig, seed: int):

@@ -1,4 +1,6 @@
 """Teacher and student services: real vLLM engines in real Ray actors, on the embedded models."""
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -113,6 +115,37 @@ def test_streamed_buckets_load_like_one_blob_and_a_failed_load_serves_no_version
     again = student_pool.generate(prompts, 30, K, temperature=0.0).result()
     assert again.version == version + 2
     np.testing.assert_array_equal(again.tokens, before.tokens)
+
+
+def test_calls_share_the_running_batch_and_a_weight_load_waits_for_them(student_pool, models):
+    """A one-row score sent while a long 48-row generate runs on the same replica joins its batch:
+    it is answered first, with what it gives alone. A weight load sent meanwhile waits for the
+    long call, which reports the version it ran on; the next call sees the new one."""
+    import ray
+    from safetensors.torch import load_file
+
+    replica = student_pool.actors[0]
+    sequence, start = models["sequences"][:1], [len(models["prompts"][0])]
+    alone = ray.get(replica.score.remote(sequence, start, K))
+    version = alone.version
+    prompts = (models["prompts"] * 8)[:48]
+    long_call = replica.generate.remote(prompts, 400, K, 1.0, -1, list(range(48)))  # sampled: rows run long
+    time.sleep(0.5)  # the long call is running
+    short = ray.get(replica.score.remote(sequence, start, K))
+    original = load_file(models["dir"] / "student" / "model.safetensors")
+    load = replica.load_weights.remote(pack_state(original), version + 1)
+    load_done_early = bool(ray.wait([load], timeout=0.5)[0])
+    checked_at = time.time()
+    long = ray.get(long_call)
+    assert long.times.answered_at > checked_at  # the long call still ran at the check...
+    assert not load_done_early  # ...and the load waited for it
+    assert short.times.received_at < long.times.answered_at and short.times.answered_at < long.times.answered_at
+    assert short.times.engine_steps < long.times.engine_steps
+    np.testing.assert_array_equal(short.topk.mask, alone.topk.mask)
+    np.testing.assert_allclose(short.topk.logprobs, alone.topk.logprobs, atol=1e-4)  # another batch, same numbers
+    assert ray.get(load) == version + 1
+    assert long.version == version and short.version == version
+    assert ray.get(replica.score.remote(sequence, start, K)).version == version + 1
 
 
 def test_two_replicas_spread_requests_and_match_one_replica(teacher_pool, models):
