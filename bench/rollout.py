@@ -4,13 +4,20 @@
     python bench/rollout.py --config deploy/configs/smollm2.yaml --prompts 8 --new-tokens 128 \
         --policies adaswitch --switch-tau0 --learner      # the SmolLM2 figures of README
 
-For SWITCH and AdaSwitch on the same prompts: wall time of lockstep, of draft-verify, of a
+For each policy (on-policy, SKD, SWITCH, AdaSwitch) on the same prompts: wall time of lockstep, of draft-verify, of a
 student-only rollout and of one teacher scoring pass over the student's tokens. Prints
 draft-verify / lockstep, draft-verify / (student-only + teacher scoring) = "the floor", the
 coordinator's own CPU time as a share of the rollout's wall time, and round trips per sequence.
+"The floor" is on-policy distillation's; each policy's own floor ("policy floor") is every response
+token of its draft-verify batch decoded once, at full batch, by the model that wrote it, plus one
+scoring pass by the other model over the rows it did not write alone; SWITCH needs both models'
+distributions at every position before it decides, so its floor is both models decoding the whole
+response once (what lockstep would cost with no overhead).
 With --serial, also draft-verify on a second pair of engines that serve one call at a time
 (services.*.concurrent_calls=1, how services ran before calls shared the running batch), on the
-same prompts, and the ratio of the two.
+same prompts, and the ratio of the two. With --regroup F ..., also draft-verify with
+rollout.regroup_fraction=F (0: each call's rows draft again at once, rows stream), and its ratio
+to the config's.
 With --learner, also a DeepSpeed learner on the student: train tokens/s on the draft-verify batch
 and the weight push's time as a share of the whole step (rollout + train + push).
 Figures only: nothing here asserts a time.
@@ -38,10 +45,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed repeats per measurement (best is kept)")
     parser.add_argument("--switch-tau0", type=float, nargs="*", default=[0.35, 0.5],
                         help="extra SWITCH runs at these thresholds: fewer hand-overs, to show what limits the ratio")
-    parser.add_argument("--policies", nargs="+", default=["switch", "adaswitch"], choices=["switch", "adaswitch"])
+    parser.add_argument("--policies", nargs="+", default=["on_policy", "skd", "switch", "adaswitch"],
+                        choices=["on_policy", "skd", "switch", "adaswitch"])
     parser.add_argument("--learner", action="store_true", help="also time a train step and a weight push")
     parser.add_argument("--serial", action="store_true",
                         help="also draft-verify on engines that serve one call at a time (concurrent_calls=1)")
+    parser.add_argument("--regroup", type=float, nargs="*", default=[],
+                        help="also draft-verify with these rollout.regroup_fraction values")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -114,6 +124,11 @@ def main() -> None:
             ro = Rollout(cfg_run.policy, cfg_run.rollout, *serial, eos, max_model_len, teacher.vocab_size)
             runs = [timed(lambda: run_rollout(ro, prompts, None, rows, cfg.seed, 0)) for _ in range(args.repeats)]
             results["serial"] = min(runs, key=lambda r: r[1])
+        for fraction in args.regroup:
+            ro = Rollout(cfg_run.policy, replace(cfg_run.rollout, regroup_fraction=fraction), teacher, student, eos,
+                         max_model_len, teacher.vocab_size)
+            runs = [timed(lambda: run_rollout(ro, prompts, None, rows, cfg.seed, 0)) for _ in range(args.repeats)]
+            results[f"regroup {fraction}"] = min(runs, key=lambda r: r[1])
         dv_batch, dv_s, dv_cpu = results["draft_verify"]
         _, lock_s, lock_cpu = results["lockstep"]
         s = dv_batch.stats
@@ -126,15 +141,47 @@ def main() -> None:
               f"round trips/seq {calls.mean():.2f} (teacher {s['teacher_calls'].mean():.2f}, student {s['student_calls'].mean():.2f})")
         print(f"  draft-verify / lockstep = {dv_s / lock_s:.3f}  (speed-up {lock_s / dv_s:.1f}x)")
         print(f"  draft-verify / floor    = {dv_s / floor:.3f}")
+        own_floor = policy_floor(policy, dv_batch, prompts, teacher, student, k, best)
+        print(f"  policy floor {own_floor:.2f}s: draft-verify / policy floor = {dv_s / own_floor:.3f}")
         if serial is not None:
             serial_batch, serial_s, _ = results["serial"]
             serial_calls = serial_batch.stats["teacher_calls"] + serial_batch.stats["student_calls"]
             print(f"  draft-verify, one call at a time per engine {serial_s:8.2f}s (round trips/seq "
                   f"{serial_calls.mean():.2f}): sharing the running batch is {serial_s / dv_s:.2f}x faster")
+        for fraction in args.regroup:
+            batch, seconds, _ = results[f"regroup {fraction}"]
+            calls_f = batch.stats["teacher_calls"] + batch.stats["student_calls"]
+            print(f"  draft-verify, regroup_fraction={fraction}: {seconds:8.2f}s (round trips/seq {calls_f.mean():.2f}, "
+                  f"{cfg_run.rollout.regroup_fraction}: {dv_s:.2f}s) = {seconds / dv_s:.3f}x")
         last_batch, last_rollout_s = dv_batch, dv_s
     if args.learner:
         learner_figures(cfg, student, last_batch, last_rollout_s)
     ray.shutdown()
+
+
+def policy_floor(policy: str, batch, prompts, teacher, student, k: int, best) -> float:
+    """Seconds for the policy's own floor on ``batch`` (module docstring). Rows decode exactly
+    their counts (ignore_eos), at temperature 1: the number of steps, not the tokens, sets the time."""
+    from protocol.batch import STUDENT, TEACHER
+
+    mask, lengths = batch.response_mask, batch.response_lengths
+    if policy == "switch":
+        decoded = {"student": lengths, "teacher": lengths}
+    else:
+        decoded = {"student": ((batch.writer == STUDENT) & mask).sum(1), "teacher": ((batch.writer == TEACHER) & mask).sum(1)}
+    sequences = [batch.tokens[i, : batch.prompt_lengths[i] + lengths[i]].tolist() for i in range(len(batch))]
+    seconds = 0.0
+    for writer, other in ((student, teacher), (teacher, student)):
+        counts = decoded["student" if writer is student else "teacher"]
+        rows = np.flatnonzero(counts > 0)
+        if not rows.size:
+            continue
+        prefixes, budgets = [prompts[i] for i in rows], counts[rows].tolist()
+        seconds += best(lambda: writer.generate(prefixes, budgets, k, 1.0, ignore_eos=True).result())[1]
+        if policy != "switch":  # the other model scores what this one wrote
+            seconds += best(lambda: other.score([sequences[i] for i in rows],
+                                                batch.prompt_lengths[rows].tolist(), k).result())[1]
+    return seconds
 
 
 def learner_figures(cfg, student, batch, rollout_s: float) -> None:

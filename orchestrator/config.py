@@ -126,6 +126,11 @@ class RolloutConfig:
     # twice the run the verifier kept last time (at least 4), up to the cap; a long draft cut
     # after two tokens is wasted decoding. None: always draft to the cap.
     first_draft_tokens: int | None = 16
+    # Draft-verify: rows whose hand-over is settled wait to draft again together until this share
+    # of the live rows is waiting (or nothing else is in flight), so calls stay batched. 0: each
+    # call's rows draft again as soon as it returns (rows stream; cheap where calls share the
+    # engines' running batch). The tokens are the same either way.
+    regroup_fraction: float = 0.5
     student_temperature: float = 1.0  # 0 = greedy
     teacher_temperature: float = 1.0
     # What SWITCH and AdaSwitch decide on. "topk": divergences estimated from both models' top
@@ -144,6 +149,8 @@ class RolloutConfig:
             raise ValueError(f"max_draft_tokens: must be >= 1 or null, got {self.max_draft_tokens}")
         if self.first_draft_tokens is not None and self.first_draft_tokens < 1:
             raise ValueError(f"first_draft_tokens: must be >= 1 or null, got {self.first_draft_tokens}")
+        if not 0 <= self.regroup_fraction <= 1:
+            raise ValueError(f"regroup_fraction: must be in [0, 1], got {self.regroup_fraction}")
         if self.divergence_k is not None and self.divergence_k < 1:
             raise ValueError(f"divergence_k: must be >= 1 or null, got {self.divergence_k}")
         if self.student_temperature < 0 or self.teacher_temperature < 0:

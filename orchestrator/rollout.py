@@ -182,12 +182,12 @@ def draft_verify(ro: Rollout, buf: RolloutBuffer, state: PolicyState, row_ids, s
 
     # Rows that finished a hand-over wait here and draft together: a call per small group would
     # pay the per-call overhead of both engines many times over (rows drift apart quickly when
-    # the pen changes hands every few tokens). They go out once half the live rows are waiting,
-    # or when nothing else is in flight.
+    # the pen changes hands every few tokens). They go out once `regroup_fraction` of the live
+    # rows are waiting, or when nothing else is in flight.
     waiting = np.flatnonzero(~buf.done)
     while waiting.size or calls:
         live = int((~buf.done).sum())
-        if waiting.size and (not calls or 2 * waiting.size >= live):
+        if waiting.size and (not calls or waiting.size >= ro.cfg.regroup_fraction * live):
             send_drafts(waiting)
             waiting = waiting[:0]
         if not any(c.pending.ready() for c in calls):

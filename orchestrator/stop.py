@@ -45,5 +45,21 @@ class GracefulStop:
         self._interruptible = True
         try:
             yield
+        except Exception as err:
+            # The handler's StopRequested raised inside C code (Ray's wait checks for signals) comes
+            # out as a SystemError caused by it: it is still the stop.
+            if not isinstance(err, StopRequested) and _caused_by_stop(err):
+                raise StopRequested(self.signal_name) from err
+            raise
         finally:
             self._interruptible = False
+
+
+def _caused_by_stop(err: BaseException | None) -> bool:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, StopRequested):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False

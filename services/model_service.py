@@ -168,12 +168,14 @@ class ModelService:
         temperature: float = 1.0,
         top_k: int = -1,
         seeds: list[int] | None = None,
+        ignore_eos: bool = False,
     ) -> GenerateResult:
         """Continue each prefix; per generated position the sampled token and the top-k.
 
         ``top_k`` > 0 samples from the model's top ``top_k`` only (the teacher samples from its
         top-k, exactly as the coordinator draws teacher tokens); -1 samples the full vocabulary.
-        ``seeds`` make sampling reproducible per request.
+        ``seeds`` make sampling reproducible per request. ``ignore_eos``: every row runs to its
+        budget (benchmarks that need a fixed number of decoding steps).
         """
         from vllm import SamplingParams
 
@@ -192,7 +194,8 @@ class ModelService:
                     logprobs=kk,
                     flat_logprobs=True,
                     detokenize=False,
-                    stop_token_ids=[self.eos_token_id],
+                    stop_token_ids=[] if ignore_eos else [self.eos_token_id],
+                    ignore_eos=ignore_eos,
                     seed=None if seeds is None else int(seeds[i]),
                 )
                 requests[i] = (prefixes[i], params)

@@ -161,11 +161,12 @@ class ServicePool:
         return Pending(self, parts, len(sequences))
 
     def generate(self, prefixes, max_new_tokens, k: int, temperature: float = 1.0, top_k: int = -1,
-                 seeds: Sequence[int] | None = None, keys: Sequence[Hashable] | None = None) -> Pending:
+                 seeds: Sequence[int] | None = None, keys: Sequence[Hashable] | None = None,
+                 ignore_eos: bool = False) -> Pending:
         budgets = [max_new_tokens] * len(prefixes) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         parts = [
             self._send(_Part(r, "generate", ([prefixes[i] for i in rows], [budgets[i] for i in rows], k, temperature,
-                                             top_k, None if seeds is None else [seeds[i] for i in rows]),
+                                             top_k, None if seeds is None else [seeds[i] for i in rows], ignore_eos),
                              rows, sum(len(prefixes[i]) + budgets[i] for i in rows)))
             for r, rows in self._split([len(p) + b for p, b in zip(prefixes, budgets)], keys)
         ]

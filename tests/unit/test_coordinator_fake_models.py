@@ -103,11 +103,12 @@ SETTINGS = {
 }
 
 
-def _run(policy, strategy, prompts, references, seed, max_draft, temperature=0.0, first_draft=16):
+def _run(policy, strategy, prompts, references, seed, max_draft, temperature=0.0, first_draft=16, regroup=0.5):
     ro = Rollout(
         policy=from_dict(PolicyConfig, {"name": policy, **SETTINGS.get(policy, {})}),
         cfg=from_dict(RolloutConfig, {"strategy": strategy, "top_k": 5, "max_new_tokens": 24,
                                       "max_draft_tokens": max_draft, "first_draft_tokens": first_draft,
+                                      "regroup_fraction": regroup,
                                       "student_temperature": temperature,
                                       "teacher_temperature": temperature}),
         teacher=FakePool(FakeModel(100 + seed, 2.0)), student=FakePool(FakeModel(200 + seed, 1.0)),
@@ -123,13 +124,14 @@ def _run(policy, strategy, prompts, references, seed, max_draft, temperature=0.0
     max_draft=st.one_of(st.none(), st.integers(1, 9)),
     first_draft=st.one_of(st.none(), st.integers(1, 9)),
     n=st.integers(1, 6),
+    regroup=st.sampled_from([0.0, 0.5, 1.0]),
 )
-def test_greedy_strategies_agree(policy, seed, max_draft, first_draft, n):
+def test_greedy_strategies_agree(policy, seed, max_draft, first_draft, n, regroup):
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(3, VOCAB, size=rng.integers(1, 5)).tolist() for _ in range(n)]
     references = [rng.integers(3, VOCAB, size=rng.integers(1, 30)).tolist() for _ in range(n)]
     lock = _run(policy, "lockstep", prompts, references, seed, max_draft)
-    dv = _run(policy, "draft_verify", prompts, references, seed, max_draft, first_draft=first_draft)
+    dv = _run(policy, "draft_verify", prompts, references, seed, max_draft, first_draft=first_draft, regroup=regroup)
     np.testing.assert_array_equal(dv.tokens, lock.tokens)
     np.testing.assert_array_equal(dv.response_lengths, lock.response_lengths)
     np.testing.assert_array_equal(dv.writer, lock.writer)
