@@ -77,7 +77,9 @@ def main() -> None:
     student = start_service("student", cfg.models.student, cfg.services.student, eos, cfg.seed)
     serial = None
     if args.serial:
-        one_at_a_time = lambda engine: replace(engine, concurrent_calls=1)  # noqa: E731
+        # Ray's logical CPUs are sized for the config's engines; the second pair asks for none
+        # (every engine shares the same cores anyway), or it would wait for room forever.
+        one_at_a_time = lambda engine: replace(engine, concurrent_calls=1, num_cpus=0)  # noqa: E731
         serial = (start_service("teacher-serial", cfg.models.teacher, one_at_a_time(cfg.services.teacher), eos, cfg.seed),
                   start_service("student-serial", cfg.models.student, one_at_a_time(cfg.services.student), eos, cfg.seed))
     max_model_len = min(cfg.services.teacher.max_model_len, cfg.services.student.max_model_len)
@@ -107,7 +109,9 @@ def main() -> None:
           f"scoring {score_s:.2f}s ({tokens / score_s:.0f} response tok/s, {scored / score_s:.0f} tok/s with the "
           f"prompts) = {floor:.2f}s")
 
-    runs = [(policy, []) for policy in args.policies]
+    # SKD's top-K must be within the exchanged k.
+    runs = [(policy, [f"policy.skd.top_k={min(cfg.policy.skd.top_k, k)}"] if policy == "skd" else [])
+            for policy in args.policies]
     runs += [("switch", [f"policy.switch.tau0={tau0}"]) for tau0 in args.switch_tau0 if "switch" in args.policies]
     last_batch = None
     for policy, extra in runs:
