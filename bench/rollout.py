@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 
@@ -57,9 +58,9 @@ def main() -> None:
 
     import ray
 
+    from build.ensure import ensure_models
     from orchestrator.config import load_config
     from orchestrator.data import load_split
-    from build.ensure import ensure_models
     from orchestrator.launcher import connect_ray, start_service
     from orchestrator.models import check_pair
     from orchestrator.rollout import Rollout, run_rollout
@@ -79,7 +80,7 @@ def main() -> None:
     if args.serial:
         # Ray's logical CPUs are sized for the config's engines; the second pair asks for none
         # (every engine shares the same cores anyway), or it would wait for room forever.
-        one_at_a_time = lambda engine: replace(engine, concurrent_calls=1, num_cpus=0)  # noqa: E731
+        one_at_a_time = lambda engine: replace(engine, concurrent_calls=1, num_cpus=0)
         serial = (start_service("teacher-serial", cfg.models.teacher, one_at_a_time(cfg.services.teacher), eos, cfg.seed),
                   start_service("student-serial", cfg.models.student, one_at_a_time(cfg.services.student), eos, cfg.seed))
     max_model_len = min(cfg.services.teacher.max_model_len, cfg.services.student.max_model_len)
@@ -113,6 +114,10 @@ def main() -> None:
     runs = [(policy, [f"policy.skd.top_k={min(cfg.policy.skd.top_k, k)}"] if policy == "skd" else [])
             for policy in args.policies]
     runs += [("switch", [f"policy.switch.tau0={tau0}"]) for tau0 in args.switch_tau0 if "switch" in args.policies]
+    def fastest(ro, repeats):  # the quickest of ``repeats`` rollouts of the same prompts
+        return min((timed(partial(run_rollout, ro, prompts, None, rows, cfg.seed, 0)) for _ in range(repeats)),
+                   key=lambda r: r[1])
+
     last_batch = None
     for policy, extra in runs:
         results = {}
@@ -122,17 +127,14 @@ def main() -> None:
                                                 f"rollout.max_new_tokens={args.new_tokens}"])
             ro = Rollout(cfg_run.policy, cfg_run.rollout, teacher, student, eos, max_model_len, teacher.vocab_size)
             repeats = 1 if strategy == "lockstep" else args.repeats  # lockstep is the slow reference
-            runs = [timed(lambda: run_rollout(ro, prompts, None, rows, cfg.seed, 0)) for _ in range(repeats)]
-            results[strategy] = min(runs, key=lambda r: r[1])
+            results[strategy] = fastest(ro, repeats)
         if serial is not None:
             ro = Rollout(cfg_run.policy, cfg_run.rollout, *serial, eos, max_model_len, teacher.vocab_size)
-            runs = [timed(lambda: run_rollout(ro, prompts, None, rows, cfg.seed, 0)) for _ in range(args.repeats)]
-            results["serial"] = min(runs, key=lambda r: r[1])
+            results["serial"] = fastest(ro, args.repeats)
         for fraction in args.regroup:
             ro = Rollout(cfg_run.policy, replace(cfg_run.rollout, regroup_fraction=fraction), teacher, student, eos,
                          max_model_len, teacher.vocab_size)
-            runs = [timed(lambda: run_rollout(ro, prompts, None, rows, cfg.seed, 0)) for _ in range(args.repeats)]
-            results[f"regroup {fraction}"] = min(runs, key=lambda r: r[1])
+            results[f"regroup {fraction}"] = fastest(ro, args.repeats)
         dv_batch, dv_s, dv_cpu = results["draft_verify"]
         _, lock_s, lock_cpu = results["lockstep"]
         s = dv_batch.stats
@@ -151,7 +153,7 @@ def main() -> None:
             serial_batch, serial_s, _ = results["serial"]
             serial_calls = serial_batch.stats["teacher_calls"] + serial_batch.stats["student_calls"]
             print(f"  draft-verify, one call at a time per engine {serial_s:8.2f}s (round trips/seq "
-                  f"{serial_calls.mean():.2f}): sharing the running batch is {serial_s / dv_s:.2f}x faster")
+                  f"{serial_calls.mean():.2f}): one call at a time / shared batch = {serial_s / dv_s:.2f}")
         for fraction in args.regroup:
             batch, seconds, _ = results[f"regroup {fraction}"]
             calls_f = batch.stats["teacher_calls"] + batch.stats["student_calls"]
@@ -181,10 +183,10 @@ def policy_floor(policy: str, batch, prompts, teacher, student, k: int, best) ->
         if not rows.size:
             continue
         prefixes, budgets = [prompts[i] for i in rows], counts[rows].tolist()
-        seconds += best(lambda: writer.generate(prefixes, budgets, k, 1.0, ignore_eos=True).result())[1]
+        seconds += best(lambda w=writer, p=prefixes, b=budgets: w.generate(p, b, k, 1.0, ignore_eos=True).result())[1]
         if policy != "switch":  # the other model scores what this one wrote
-            seconds += best(lambda: other.score([sequences[i] for i in rows],
-                                                batch.prompt_lengths[rows].tolist(), k).result())[1]
+            written, starts = [sequences[i] for i in rows], batch.prompt_lengths[rows].tolist()
+            seconds += best(lambda o=other, w=written, s=starts: o.score(w, s, k).result())[1]
     return seconds
 
 
