@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 
@@ -9,7 +10,8 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file that is flushed, fsynced and renamed
     into place, so a reader sees the old file or the new one, never a part of it."""
     path = Path(path)
-    temp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # per process: two writers never share one
+    # per process and thread: two writers never share one
+    temp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
     with open(temp, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
         f.flush()

@@ -234,13 +234,16 @@ class ModelService:
     def load_bucket(self, blob: bytes) -> int:
         """One bucket (a safetensors blob of some of the HF state dict's tensors) into the open
         load; returns its size in bytes."""
-        if self._incoming is None:
-            raise ValueError(f"{self.name}: load_bucket without begin_weights")
+        # One bucket at a time, start to end: the pool sends the next bucket before the last one is
+        # answered, and the actor serves calls on several threads; two at once would take the same
+        # part number.
         with self._engine_lock:
+            if self._incoming is None:
+                raise ValueError(f"{self.name}: load_bucket without begin_weights")
             self.engine.collective_rpc("feed_weight_bucket", args=(blob,))
-        if self._incoming["staging"] is not None:
-            write_atomic(self._incoming["staging"] / f"part-{self._incoming['parts']:05d}.safetensors", blob)
-        self._incoming["parts"] += 1
+            if self._incoming["staging"] is not None:
+                write_atomic(self._incoming["staging"] / f"part-{self._incoming['parts']:05d}.safetensors", blob)
+            self._incoming["parts"] += 1
         return len(blob)
 
     def end_weights(self, version: int) -> int:

@@ -26,11 +26,14 @@ from tests.fast_run import STEPS, fast_run_command
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _perturbed_weights(model_dir: Path) -> bytes:
-    """The student's weights, visibly changed: a replica serving the base weights would differ."""
+def _perturbed_buckets(model_dir: Path, count: int) -> list[bytes]:
+    """The student's weights, visibly changed (a replica serving the base weights would differ),
+    in ``count`` buckets."""
     state = load_file(str(model_dir / "model.safetensors"))
     generator = torch.Generator().manual_seed(0)
-    return save({name: t + 0.05 * torch.randn(t.shape, generator=generator) for name, t in state.items()})
+    perturbed = {name: t + 0.05 * torch.randn(t.shape, generator=generator) for name, t in state.items()}
+    names = list(perturbed)
+    return [save({n: perturbed[n] for n in names[i::count]}) for i in range(count)]
 
 
 def test_killed_and_hung_replicas_retry_and_come_back_at_the_latest_version(ray_cluster, embedded_data, cpu_engine,
@@ -39,7 +42,11 @@ def test_killed_and_hung_replicas_retry_and_come_back_at_the_latest_version(ray_
     pool = start_service("student", str(embedded_data["dir"] / "student"), engine, embedded_data["eos"],
                          weights_dir=str(tmp_path / "weights"))
     try:
-        assert pool.load_weights(_perturbed_weights(embedded_data["dir"] / "student"), 1) == [1, 1]
+        # Six buckets: the pool sends one while the last still loads, and the replicas keep every part.
+        pushed = pool.load_weight_buckets(_perturbed_buckets(embedded_data["dir"] / "student", 6), 1)
+        assert pushed["failed"] == [] and pushed["buckets"] == 6 and pool.versions() == [1, 1]
+        for replica in ("student-0", "student-1"):
+            assert len(list((tmp_path / "weights" / replica / "v000001").glob("part-*.safetensors"))) == 6
         prompts = embedded_data["prompts"][:6]
         expected = pool.generate(prompts, 24, 5, 0.0).result()  # greedy: the same on every replica
 
