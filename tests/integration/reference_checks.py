@@ -1,5 +1,5 @@
 """switchkd's rollouts against the independent reference (tests/reference_rollout.py), shared by
-the embedded test (test_reference_rollout.py) and the SmolLM2 one (test_smollm2.py).
+the embedded test (test_reference_rollout.py) and the SmolLM2 one (test_pretrained_smollm2.py).
 
 Both of switchkd's strategies (real vLLM engines in Ray actors, greedy) must write the reference's
 tokens by the reference's hands. A difference is allowed only where the reference's own decision

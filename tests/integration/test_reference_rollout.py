@@ -1,5 +1,5 @@
 """switchkd's rollouts against an independent reference that cannot agree with them by construction,
-on the fast embedded models (the SmolLM2 case is in test_smollm2.py).
+on the fast embedded models (the SmolLM2 case is in test_pretrained_smollm2.py).
 
 tests/reference_rollout.py implements the policies from DESIGN.md with plain transformers, one
 token at a time, on full-vocabulary distributions, importing nothing of switchkd. Here both of

@@ -7,7 +7,7 @@ the same check must then fail.
 The service starts from the learner's exported HF directory, so this also checks that vLLM
 loads what ``export_hf`` writes. Tied and untied embeddings both: vLLM needs ``lm_head.weight``
 in the blob even when it is tied. Three architectures: nothing in the learner or the push assumes
-Llama's layout. (A tied Llama is pushed in test_smollm2.py, on the real pretrained model.)
+Llama's layout. (A tied Llama is pushed in test_pretrained_smollm2.py, on the real pretrained model.)
 """
 from __future__ import annotations
 

@@ -8,6 +8,11 @@ full 49,152-token vocabulary) for on_policy and AdaSwitch (the others: see SMOLL
 except where the top-500 estimate's measured error or numerical noise can flip the reference's
 decision; the student trained by the DeepSpeed learner (ZeRO-3, two ranks) and pushed into its
 vLLM service scores exactly as the learner's weights do, tied head included.
+
+The file's name sorts before the modules that start the session's embedded engines
+(test_reference_rollout, test_rollout, test_services), and pytest runs files in name order. This
+module's two SmolLM2 engines and two learner ranks then never share the machine's 24 GiB with those
+three engines. When they did, Ray's memory monitor (95 %) once killed a replica during a push.
 """
 from __future__ import annotations
 
