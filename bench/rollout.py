@@ -88,9 +88,8 @@ def main() -> None:
     print(f"{len(prompts)} prompts x {args.new_tokens} new tokens, k={k}, "
           f"student T={cfg.rollout.student_temperature}, teacher T={cfg.rollout.teacher_temperature}")
 
-    def best(fn):
-        runs = [timed(fn) for _ in range(args.repeats)]
-        return min(runs, key=lambda r: r[1])
+    def best(fn, repeats=args.repeats):  # the quickest of ``repeats`` timed calls of fn
+        return min((timed(fn) for _ in range(repeats)), key=lambda r: r[1])
 
     # The floor: the student writes everything, the teacher scores it once.
     def student_only():
@@ -114,9 +113,9 @@ def main() -> None:
     runs = [(policy, [f"policy.skd.top_k={min(cfg.policy.skd.top_k, k)}"] if policy == "skd" else [])
             for policy in args.policies]
     runs += [("switch", [f"policy.switch.tau0={tau0}"]) for tau0 in args.switch_tau0 if "switch" in args.policies]
-    def fastest(ro, repeats):  # the quickest of ``repeats`` rollouts of the same prompts
-        return min((timed(partial(run_rollout, ro, prompts, None, rows, cfg.seed, 0)) for _ in range(repeats)),
-                   key=lambda r: r[1])
+
+    def fastest(ro, repeats=args.repeats):  # the quickest rollout of the same prompts
+        return best(partial(run_rollout, ro, prompts, None, rows, cfg.seed, 0), repeats)
 
     last_batch = None
     for policy, extra in runs:
@@ -130,11 +129,11 @@ def main() -> None:
             results[strategy] = fastest(ro, repeats)
         if serial is not None:
             ro = Rollout(cfg_run.policy, cfg_run.rollout, *serial, eos, max_model_len, teacher.vocab_size)
-            results["serial"] = fastest(ro, args.repeats)
+            results["serial"] = fastest(ro)
         for fraction in args.regroup:
             ro = Rollout(cfg_run.policy, replace(cfg_run.rollout, regroup_fraction=fraction), teacher, student, eos,
                          max_model_len, teacher.vocab_size)
-            results[f"regroup {fraction}"] = fastest(ro, args.repeats)
+            results[f"regroup {fraction}"] = fastest(ro)
         dv_batch, dv_s, dv_cpu = results["draft_verify"]
         _, lock_s, lock_cpu = results["lockstep"]
         s = dv_batch.stats
