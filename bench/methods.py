@@ -5,8 +5,8 @@
     python bench/methods.py --cold                       # the old protocol: every method from the cold student
     python bench/methods.py --common-loss forward_kl     # the extra rows: every method with one loss
     python bench/methods.py --grid                       # SWITCH tau0 x decay, AdaSwitch window x factor (validation)
-    python bench/methods.py --config deploy/configs/smollm2.yaml --methods ground_truth on_policy skd adaswitch \
-        switch --seeds 0 1 --tokens 1500 --prompts 8 --out runs/bench-methods-smollm2 \
+    python bench/methods.py --config deploy/configs/smollm2.yaml --methods ground_truth on_policy adaswitch skd \
+        --seeds 0 1 --tokens 3000 --warmup-tokens 3000 --prompts 8 --out runs/bench-methods-smollm2 \
         schedule.eval_examples=48 learner.lr=5e-5                                # the SmolLM2 table
 
 The protocol of GKD, MiniLLM and DistiLLM (which the switching papers follow): one SFT warm-up of

@@ -17,7 +17,10 @@ With --serial, also draft-verify on a second pair of engines that serve one call
 (services.*.concurrent_calls=1, how services ran before calls shared the running batch), on the
 same prompts, and the ratio of the two. With --regroup F ..., also draft-verify with
 rollout.regroup_fraction=F (0: each call's rows draft again at once, rows stream), and its ratio
-to the config's.
+to the config's. With --engines block_size=32 ..., also lockstep and draft-verify on one more
+engine pair per argument, with those services.* fields changed (comma-separated), and its speed-up
+over the config's engines. vLLM's prefix cache reuses whole KV blocks only (128 tokens on its CPU
+build), and every draft and verify call sends its row's whole prefix again.
 With --learner, also a DeepSpeed learner on the student: train tokens/s on the draft-verify batch
 and the weight push's time as a share of the whole step (rollout + train + push).
 Figures only: nothing here asserts a time.
@@ -53,6 +56,9 @@ def main() -> None:
                         help="also draft-verify on engines that serve one call at a time (concurrent_calls=1)")
     parser.add_argument("--regroup", type=float, nargs="*", default=[],
                         help="also draft-verify with these rollout.regroup_fraction values")
+    parser.add_argument("--engines", nargs="*", default=[], metavar="FIELD=VALUE[,FIELD=VALUE]",
+                        help="also lockstep and draft-verify on one more engine pair per argument, with these "
+                             "services.* fields changed (e.g. block_size=32 or score_reads_prefix_cache=false)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -83,6 +89,14 @@ def main() -> None:
         one_at_a_time = lambda engine: replace(engine, concurrent_calls=1, num_cpus=0)
         serial = (start_service("teacher-serial", cfg.models.teacher, one_at_a_time(cfg.services.teacher), eos, cfg.seed),
                   start_service("student-serial", cfg.models.student, one_at_a_time(cfg.services.student), eos, cfg.seed))
+    # One more engine pair per --engines variant, asking for no logical CPUs either.
+    variants = {}
+    for n, variant in enumerate(args.engines):
+        engine_cfg = load_config(args.config, [*args.overrides, *(f"services.{role}.{change}" for role in
+                                                                  ("teacher", "student") for change in variant.split(","))])
+        variants[variant] = tuple(start_service(f"{role}-variant{n}", getattr(cfg.models, role),
+                                                replace(getattr(engine_cfg.services, role), num_cpus=0), eos, cfg.seed)
+                                  for role in ("teacher", "student"))
     max_model_len = min(cfg.services.teacher.max_model_len, cfg.services.student.max_model_len)
     k, rows = cfg.rollout.top_k, np.arange(len(prompts))
     print(f"{len(prompts)} prompts x {args.new_tokens} new tokens, k={k}, "
@@ -134,6 +148,11 @@ def main() -> None:
             ro = Rollout(cfg_run.policy, replace(cfg_run.rollout, regroup_fraction=fraction), teacher, student, eos,
                          max_model_len, teacher.vocab_size)
             results[f"regroup {fraction}"] = fastest(ro)
+        for variant, pair in variants.items():
+            for strategy in ("lockstep", "draft_verify"):
+                ro = Rollout(cfg_run.policy, replace(cfg_run.rollout, strategy=strategy), *pair, eos, max_model_len,
+                             teacher.vocab_size)
+                results[f"{variant} {strategy}"] = fastest(ro, 1 if strategy == "lockstep" else args.repeats)
         dv_batch, dv_s, dv_cpu = results["draft_verify"]
         _, lock_s, lock_cpu = results["lockstep"]
         s = dv_batch.stats
@@ -158,6 +177,12 @@ def main() -> None:
             calls_f = batch.stats["teacher_calls"] + batch.stats["student_calls"]
             print(f"  draft-verify, regroup_fraction={fraction}: {seconds:8.2f}s (round trips/seq {calls_f.mean():.2f}, "
                   f"{cfg_run.rollout.regroup_fraction}: {dv_s:.2f}s) = {seconds / dv_s:.3f}x")
+        for variant in variants:
+            _, variant_lock_s, _ = results[f"{variant} lockstep"]
+            _, variant_dv_s, _ = results[f"{variant} draft_verify"]
+            print(f"  engines with {variant}: lockstep {variant_lock_s:8.2f}s ({lock_s / variant_lock_s:.2f}x faster than "
+                  f"the config's), draft-verify {variant_dv_s:8.2f}s ({dv_s / variant_dv_s:.2f}x faster; "
+                  f"{variant_dv_s / own_floor:.3f} of the policy floor)")
         last_batch, last_rollout_s = dv_batch, dv_s
     if args.learner:
         learner_figures(cfg, student, last_batch, last_rollout_s)

@@ -13,6 +13,14 @@ class EngineConfig:
     # it); -1: the whole vocabulary (rollout.divergence=exact sets it).
     max_logprobs: int = 20
     enable_prefix_caching: bool = True
+    # KV-cache block size in tokens. The prefix cache reuses whole blocks only, and every draft and
+    # verify call sends its row's whole prefix again: with 128-token blocks a 150-token prefix is
+    # computed 22 tokens short of the start. null: vLLM's default (usually 16 on GPUs, 128 on its CPU build).
+    block_size: int | None = None
+    # A verify sends its row's whole prefix again. false (vLLM's own default for prompt logprobs):
+    # prefill it all. true: read the part an earlier call computed from the prefix cache. Off by
+    # default: with 128-token blocks it measured no faster (README "Rollout strategies").
+    score_reads_prefix_cache: bool = False
     tensor_parallel_size: int = 1
     # On CPU builds this is the share of the NUMA node's memory vLLM may reserve: keep it low
     # there (two engines and a learner share one machine).
@@ -52,6 +60,8 @@ class EngineConfig:
                      "concurrent_calls"):
             if getattr(self, name) < 1 and not (name == "max_logprobs" and self.max_logprobs == -1):
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"block_size: must be >= 1 or null, got {self.block_size}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:

@@ -57,6 +57,8 @@ class CallTimes:
     engine_seconds: float = 0.0  # in vLLM's engine.step() calls
     engine_steps: int = 0
     convert_seconds: float = 0.0  # vLLM's outputs to arrays
+    prompt_tokens: int = 0  # sent to the engine as prompts (a row scored again counts twice)
+    cached_tokens: int = 0  # of those, read from the prefix cache instead of computed
 
     @property
     def seconds(self) -> float:
@@ -67,7 +69,8 @@ def merge_times(parts: list[CallTimes]) -> CallTimes:
     """The times of one call split over replicas that ran side by side: the span, and each part's slowest."""
     return CallTimes(min(t.received_at for t in parts), max(t.answered_at for t in parts),
                      max(t.engine_seconds for t in parts), max(t.engine_steps for t in parts),
-                     max(t.convert_seconds for t in parts))
+                     max(t.convert_seconds for t in parts), sum(t.prompt_tokens for t in parts),
+                     sum(t.cached_tokens for t in parts))
 
 
 @dataclass
@@ -108,6 +111,7 @@ class ModelService:
         self.eos_token_id = eos_token_id
         self.max_model_len = engine.max_model_len
         self.max_logprobs = engine.max_logprobs
+        self.score_reads_prefix_cache = engine.enable_prefix_caching and engine.score_reads_prefix_cache
         self.version = 0
         self._request_counter = 0
         # The engine is shared by the calls in flight: one thread at a time adds requests, steps
@@ -146,9 +150,22 @@ class ModelService:
                 errors[i] = f"response_start {start} must be in [1, {len(seq)}] (the first token has no logprob)"
         kk = min(k, self.vocab_size)
         # max_tokens=1: vLLM needs one step to return; only the prompt's logprobs are read.
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=kk, flat_logprobs=True, detokenize=False)
+        # vLLM skips the prefix cache for prompt logprobs unless told otherwise, and then prefills
+        # every verify from the first prompt token. Read it: prompt logprobs are filled from the
+        # first uncached position on, and a verify needs them from its response start only.
+        scoring = lambda read_cache: SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=kk, flat_logprobs=True,
+                                                    detokenize=False, skip_reading_prefix_cache=not read_cache)
+        params = scoring(read_cache=self.score_reads_prefix_cache)
         outputs, version = self._run({i: (sequences[i], params) for i in range(len(sequences)) if errors[i] is None},
                                      times)
+        # A row whose cache hit reaches into its response (the same tokens scored before) has no
+        # logprobs there: score it again without the cache.
+        cached_too_far = {i: (sequences[i], scoring(read_cache=False))
+                          for i, out in outputs.items() if (out.num_cached_tokens or 0) > response_starts[i] - 1}
+        if cached_too_far:
+            again, again_version = self._run(cached_too_far, times)
+            outputs.update(again)
+            version = min(version, again_version)  # a load in between: the older version, which a rollout refuses
 
         convert_started = time.perf_counter()
         length = max([len(s) - r for s, r, e in zip(sequences, response_starts, errors) if e is None] or [0])
@@ -341,6 +358,8 @@ class ModelService:
             outputs = {}
             for wave in self._waves(requests):
                 outputs.update(self._run_wave(wave))
+            times.prompt_tokens += sum(len(tokens) for tokens, _ in requests.values())
+            times.cached_tokens += sum(out.num_cached_tokens or 0 for out in outputs.values())
             return outputs, version
         finally:
             with self._engine_lock:
@@ -445,6 +464,7 @@ def _make_engine(model: str, cfg: EngineConfig, seed: int):
         max_model_len=cfg.max_model_len,
         max_logprobs=cfg.max_logprobs,
         enable_prefix_caching=cfg.enable_prefix_caching,
+        **({"block_size": cfg.block_size} if cfg.block_size else {}),
         tensor_parallel_size=cfg.tensor_parallel_size,
         gpu_memory_utilization=cfg.gpu_memory_utilization,
         enforce_eager=cfg.enforce_eager,

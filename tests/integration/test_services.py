@@ -152,6 +152,42 @@ def test_calls_share_the_running_batch_and_a_weight_load_waits_for_them(student_
     assert ray.get(replica.score.remote(sequence, start, K)).version == version + 1
 
 
+def test_a_verify_reads_the_prefix_cache_and_stays_exact(ray_cluster, cpu_engine, student_pool, models):
+    """With services.*.score_reads_prefix_cache, a verify's prefix computed by the call before
+    comes from vLLM's prefix cache (128-token blocks on its CPU build), and the answer is the
+    model's. The same rows scored again hit the cache past their response start, where vLLM has no
+    logprobs: those rows are scored again without it, and are still the model's."""
+    from dataclasses import replace
+
+    from orchestrator.launcher import start_service
+
+    reading = start_service("student-reads-cache", str(models["dir"] / "student"),
+                            replace(cpu_engine, score_reads_prefix_cache=True), models["eos"])
+    try:
+        long = [t for s in models["sequences"] for t in s][:300]
+        assert len(long) == 300
+        rows = [long, long[::-1]]  # two rows that share no prefix
+        # A 100-token "draft" at 200: the call before leaves one whole block (128) of each prefix in
+        # the cache; the verify then leaves two (256), past the start.
+        starts = [200, 200]
+        raise_errors(reading.score([r[: starts[0]] for r in rows], [1, 1], K).result())  # the call before
+        verify = reading.score(rows, starts, K).result()
+        raise_errors(verify)
+        assert verify.times.cached_tokens >= 2 * 128  # at least one whole block of each prefix
+        assert verify.times.prompt_tokens == sum(map(len, rows))  # no row scored again
+        model = load_model(models["dir"] / "student")
+        assert_topk_matches_model(verify.topk, rows, starts, model)
+        again = reading.score(rows, starts, K).result()
+        assert again.times.prompt_tokens == 2 * sum(map(len, rows))  # both rows hit past their start: scored again
+        assert_topk_matches_model(again.topk, rows, starts, model)
+        # The default (vLLM's): a verify prefills its whole prefix, cached or not.
+        default = student_pool.score(rows, starts, K).result()
+        assert default.times.cached_tokens == 0 and default.times.prompt_tokens == sum(map(len, rows))
+    finally:
+        for actor in reading.actors:
+            ray_cluster.kill(actor)
+
+
 def test_two_replicas_spread_requests_and_match_one_replica(teacher_pool, models):
     import ray
 

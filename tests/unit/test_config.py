@@ -45,6 +45,7 @@ def test_round_trip_through_yaml(tmp_path):
         ("data.use_chat_template=yes please", "data.use_chat_template: expected true or false"),
         ("loss.alpha=1.5", "loss.alpha: must be in (0, 1)"),
         ("services.teacher.dtype=int4", "services.teacher.dtype: 'int4' is not one of float32"),
+        ("services.student.block_size=0", "block_size: must be >= 1 or null, got 0"),
         ("policy=switch", "policy: expected a mapping"),
         ("nothing", "expected dotted.key=value"),
         ("schedule.max_policy_lag=2", "schedule.max_policy_lag: 0 (synchronous) or 1 (the next rollout runs while a step "
