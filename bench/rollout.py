@@ -13,15 +13,17 @@ token of its draft-verify batch decoded once, at full batch, by the model that w
 scoring pass by the other model over the rows it did not write alone; SWITCH needs both models'
 distributions at every position before it decides, so its floor is both models decoding the whole
 response once (what lockstep would cost with no overhead).
-With --serial, also draft-verify on a second pair of engines that serve one call at a time
-(services.*.concurrent_calls=1, how services ran before calls shared the running batch), on the
-same prompts, and the ratio of the two. With --regroup F ..., also draft-verify with
-rollout.regroup_fraction=F (0: each call's rows draft again at once, rows stream), and its ratio
-to the config's. With --engines block_size=32 ..., also lockstep and draft-verify on one more
+With --rollout FIELD=VALUE[,FIELD=VALUE] ..., also draft-verify with
+those rollout.* fields changed, one run per argument, and its ratio to the config's (e.g.
+regroup_fraction=0: each call's rows draft again at once, rows stream; first_draft_tokens=null:
+every student draft runs to the cap). With --engines block_size=32 ..., also lockstep and draft-verify on one more
 engine pair per argument, with those services.* fields changed (comma-separated), and its speed-up
-over the config's engines. vLLM's prefix cache reuses whole KV blocks only (128 tokens on its CPU
+over the config's engines (concurrent_calls=1: engines that serve one call at a time, as services
+ran before calls shared the running batch). vLLM's prefix cache reuses whole KV blocks only (128 tokens on its CPU
 build), and every draft and verify call sends its row's whole prefix again.
-With --learner, also a DeepSpeed learner on the student: train tokens/s on the draft-verify batch
+With --exact, SWITCH and AdaSwitch also run with rollout.divergence=exact (both engines return the
+whole vocabulary and the rules decide on exact divergences) next to the config's mode, on the same
+engines. With --learner, also a DeepSpeed learner on the student: train tokens/s on the draft-verify batch
 and the weight push's time as a share of the whole step (rollout + train + push).
 Figures only: nothing here asserts a time.
 """
@@ -52,10 +54,11 @@ def main() -> None:
     parser.add_argument("--policies", nargs="+", default=["on_policy", "skd", "switch", "adaswitch"],
                         choices=["on_policy", "skd", "switch", "adaswitch"])
     parser.add_argument("--learner", action="store_true", help="also time a train step and a weight push")
-    parser.add_argument("--serial", action="store_true",
-                        help="also draft-verify on engines that serve one call at a time (concurrent_calls=1)")
-    parser.add_argument("--regroup", type=float, nargs="*", default=[],
-                        help="also draft-verify with these rollout.regroup_fraction values")
+    parser.add_argument("--exact", action="store_true",
+                        help="also run SWITCH and AdaSwitch with rollout.divergence=exact (whole-vocabulary divergences)")
+    parser.add_argument("--rollout", nargs="*", default=[], metavar="FIELD=VALUE[,FIELD=VALUE]",
+                        help="also draft-verify with these rollout.* fields changed, one run per argument "
+                             "(e.g. regroup_fraction=0 or first_draft_tokens=null)")
     parser.add_argument("--engines", nargs="*", default=[], metavar="FIELD=VALUE[,FIELD=VALUE]",
                         help="also lockstep and draft-verify on one more engine pair per argument, with these "
                              "services.* fields changed (e.g. block_size=32 or score_reads_prefix_cache=false)")
@@ -72,7 +75,9 @@ def main() -> None:
     from orchestrator.rollout import Rollout, run_rollout
     from services.model_service import raise_errors
 
-    cfg = load_config(args.config, [*args.overrides, f"rollout.max_new_tokens={args.new_tokens}", "ray.dashboard=false"])
+    # With --exact the engines start able to return the whole vocabulary (max_logprobs -1).
+    cfg = load_config(args.config, [*args.overrides, f"rollout.max_new_tokens={args.new_tokens}", "ray.dashboard=false",
+                                    *(["rollout.divergence=exact"] if args.exact else [])])
     ensure_models(cfg)
     tokenizer = check_pair(cfg.models.teacher, cfg.models.student)
     examples = load_split(cfg.data, cfg.data.eval_split, tokenizer)
@@ -82,18 +87,13 @@ def main() -> None:
     eos = tokenizer.eos_token_id
     teacher = start_service("teacher", cfg.models.teacher, cfg.services.teacher, eos, cfg.seed)
     student = start_service("student", cfg.models.student, cfg.services.student, eos, cfg.seed)
-    serial = None
-    if args.serial:
-        # Ray's logical CPUs are sized for the config's engines; the second pair asks for none
-        # (every engine shares the same cores anyway), or it would wait for room forever.
-        one_at_a_time = lambda engine: replace(engine, concurrent_calls=1, num_cpus=0)
-        serial = (start_service("teacher-serial", cfg.models.teacher, one_at_a_time(cfg.services.teacher), eos, cfg.seed),
-                  start_service("student-serial", cfg.models.student, one_at_a_time(cfg.services.student), eos, cfg.seed))
-    # One more engine pair per --engines variant, asking for no logical CPUs either.
+    # One more engine pair per --engines variant. Ray's logical CPUs are sized for the config's
+    # engines; these ask for none (every engine shares the same cores anyway), or they would wait
+    # for room forever.
     variants = {}
     for n, variant in enumerate(args.engines):
-        engine_cfg = load_config(args.config, [*args.overrides, *(f"services.{role}.{change}" for role in
-                                                                  ("teacher", "student") for change in variant.split(","))])
+        changes = [f"services.{role}.{change}" for role in ("teacher", "student") for change in variant.split(",")]
+        engine_cfg = load_config(args.config, [*args.overrides, *changes, *(["rollout.divergence=exact"] if args.exact else [])])
         variants[variant] = tuple(start_service(f"{role}-variant{n}", getattr(cfg.models, role),
                                                 replace(getattr(engine_cfg.services, role), num_cpus=0), eos, cfg.seed)
                                   for role in ("teacher", "student"))
@@ -127,6 +127,8 @@ def main() -> None:
     runs = [(policy, [f"policy.skd.top_k={min(cfg.policy.skd.top_k, k)}"] if policy == "skd" else [])
             for policy in args.policies]
     runs += [("switch", [f"policy.switch.tau0={tau0}"]) for tau0 in args.switch_tau0 if "switch" in args.policies]
+    if args.exact:
+        runs += [(policy, ["rollout.divergence=exact"]) for policy in ("switch", "adaswitch") if policy in args.policies]
 
     def fastest(ro, repeats=args.repeats):  # the quickest rollout of the same prompts
         return best(partial(run_rollout, ro, prompts, None, rows, cfg.seed, 0), repeats)
@@ -141,13 +143,13 @@ def main() -> None:
             ro = Rollout(cfg_run.policy, cfg_run.rollout, teacher, student, eos, max_model_len, teacher.vocab_size)
             repeats = 1 if strategy == "lockstep" else args.repeats  # lockstep is the slow reference
             results[strategy] = fastest(ro, repeats)
-        if serial is not None:
-            ro = Rollout(cfg_run.policy, cfg_run.rollout, *serial, eos, max_model_len, teacher.vocab_size)
-            results["serial"] = fastest(ro)
-        for fraction in args.regroup:
-            ro = Rollout(cfg_run.policy, replace(cfg_run.rollout, regroup_fraction=fraction), teacher, student, eos,
-                         max_model_len, teacher.vocab_size)
-            results[f"regroup {fraction}"] = fastest(ro)
+        for variant in args.rollout:
+            cfg_variant = load_config(args.config, [*args.overrides, f"policy.name={policy}", *extra,
+                                                    f"rollout.max_new_tokens={args.new_tokens}",
+                                                    *(f"rollout.{change}" for change in variant.split(","))])
+            ro = Rollout(cfg_variant.policy, cfg_variant.rollout, teacher, student, eos, max_model_len,
+                         teacher.vocab_size)
+            results[f"rollout {variant}"] = fastest(ro)
         for variant, pair in variants.items():
             for strategy in ("lockstep", "draft_verify"):
                 ro = Rollout(cfg_run.policy, replace(cfg_run.rollout, strategy=strategy), *pair, eos, max_model_len,
@@ -167,16 +169,12 @@ def main() -> None:
         print(f"  draft-verify / floor    = {dv_s / floor:.3f}")
         own_floor = policy_floor(policy, dv_batch, prompts, teacher, student, k, best)
         print(f"  policy floor {own_floor:.2f}s: draft-verify / policy floor = {dv_s / own_floor:.3f}")
-        if serial is not None:
-            serial_batch, serial_s, _ = results["serial"]
-            serial_calls = serial_batch.stats["teacher_calls"] + serial_batch.stats["student_calls"]
-            print(f"  draft-verify, one call at a time per engine {serial_s:8.2f}s (round trips/seq "
-                  f"{serial_calls.mean():.2f}): one call at a time / shared batch = {serial_s / dv_s:.2f}")
-        for fraction in args.regroup:
-            batch, seconds, _ = results[f"regroup {fraction}"]
-            calls_f = batch.stats["teacher_calls"] + batch.stats["student_calls"]
-            print(f"  draft-verify, regroup_fraction={fraction}: {seconds:8.2f}s (round trips/seq {calls_f.mean():.2f}, "
-                  f"{cfg_run.rollout.regroup_fraction}: {dv_s:.2f}s) = {seconds / dv_s:.3f}x")
+        for variant in args.rollout:
+            batch, seconds, _ = results[f"rollout {variant}"]
+            calls_v = batch.stats["teacher_calls"] + batch.stats["student_calls"]
+            print(f"  draft-verify with {variant}: {seconds:8.2f}s (round trips/seq {calls_v.mean():.2f}, teacher "
+                  f"tokens {batch.stats['teacher_fraction'].mean():.3f}) = {seconds / dv_s:.3f}x the config's; "
+                  f"{seconds / own_floor:.3f} of the policy floor")
         for variant in variants:
             _, variant_lock_s, _ = results[f"{variant} lockstep"]
             _, variant_dv_s, _ = results[f"{variant} draft_verify"]

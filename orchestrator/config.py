@@ -121,7 +121,7 @@ class RolloutConfig:
     prompts_per_step: int = 32
     max_new_tokens: int = 256
     max_draft_tokens: int | None = None  # cap on one draft; None: the rest of the budget
-    # Where the pen changes hands often (skd, switch), draft-verify drafts adaptively,
+    # Where the verifier can cut a draft (skd, switch, adaswitch), draft-verify drafts adaptively,
     # as speculative decoding does: a row's first draft has this many tokens, each later one
     # twice the run the verifier kept last time (at least 4), up to the cap; a long draft cut
     # after two tokens is wasted decoding. None: always draft to the cap.

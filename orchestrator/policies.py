@@ -104,11 +104,12 @@ def first_pen(policy: PolicyConfig) -> int:
     return TEACHER if policy.name == "teacher" else STUDENT
 
 
-def hands_over_often(policy: PolicyConfig) -> bool:
-    """Whether the pen can change hands many times in a sequence (SKD, SWITCH): then drafts are
-    worth keeping short. AdaSwitch switches once, so its student drafts the whole response and
-    the teacher verifies it once (as in the paper); the other policies never cut a draft."""
-    return policy.name in ("skd", "switch")
+def drafts_can_be_cut(policy: PolicyConfig) -> bool:
+    """Whether the verifier can cut a student draft (SKD, SWITCH, AdaSwitch): then drafts start
+    short and grow while they are kept. SKD and SWITCH hand the pen over many times. AdaSwitch
+    switches once, but where is unknown: a student draft of the whole response decodes, for
+    nothing, every token after the switch. The other policies never cut a draft."""
+    return policy.name in ("skd", "switch", "adaswitch")
 
 
 def teacher_hands_back(policy: PolicyConfig) -> bool:

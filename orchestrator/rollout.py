@@ -32,9 +32,9 @@ from orchestrator.policies import (
     PolicyState,
     advance,
     decide,
+    drafts_can_be_cut,
     draw_from_topk,
     first_pen,
-    hands_over_often,
     init_state,
     pen_after_teacher_token,
     teacher_hands_back,
@@ -146,7 +146,7 @@ class _Call:
 def draft_verify(ro: Rollout, buf: RolloutBuffer, state: PolicyState, row_ids, seed, policy_version) -> None:
     k = exchange_k(ro)
     max_draft = ro.cfg.max_draft_tokens or int(buf.budget.max())
-    adaptive = ro.cfg.first_draft_tokens is not None and hands_over_often(ro.policy)
+    adaptive = ro.cfg.first_draft_tokens is not None and drafts_can_be_cut(ro.policy)
     draft_length = np.full(len(buf.done), min(ro.cfg.first_draft_tokens, max_draft) if adaptive else max_draft)
     buf.pen[:] = first_pen(ro.policy)
     calls: list[_Call] = []

@@ -188,5 +188,5 @@ def check_round_trips(batch, policy: str) -> None:
         assert (calls < batch.response_lengths).all(), (calls, batch.response_lengths)
     if policy in ("on_policy", "teacher"):
         assert (teacher_calls <= 1).all(), teacher_calls
-    if policy == "adaswitch":
-        assert (teacher_calls <= 2).all(), teacher_calls  # verify once, then continue once
+    if policy == "adaswitch":  # each student draft verified once, then the teacher continues once
+        assert (teacher_calls <= batch.stats["student_calls"] + 1).all(), teacher_calls

@@ -73,6 +73,16 @@ def test_bench_records_a_resumed_run_but_not_a_stopped_one():
     assert stopped_last_time([started, stopped, started, stopped])
 
 
+def test_peer_bench_leaves_out_the_warm_up_and_an_overlapped_runs_last_step():
+    from bench.peers import summary
+
+    steps = {"step_seconds": [50.0, 30.0, 20.0, 10.0], "step_tokens": [100, 300, 100, 500]}
+    assert summary(steps)["tokens_per_second"] == 900 / 60
+    # With max_policy_lag > 0 the last step rolls out nothing ahead: it would flatter the rate.
+    overlapped = summary({**steps, "overlapped": True})
+    assert overlapped["tokens_per_second"] == 400 / 50 and overlapped["steps_timed"] == 2
+
+
 def test_resume_false_clears_the_earlier_run_but_not_the_rest(tmp_path):
     from orchestrator.steps import start_afresh
 
