@@ -13,18 +13,18 @@ token of its draft-verify batch decoded once, at full batch, by the model that w
 scoring pass by the other model over the rows it did not write alone; SWITCH needs both models'
 distributions at every position before it decides, so its floor is both models decoding the whole
 response once (what lockstep would cost with no overhead).
-With --rollout FIELD=VALUE[,FIELD=VALUE] ..., also draft-verify with
-those rollout.* fields changed, one run per argument, and its ratio to the config's (e.g.
-regroup_fraction=0: each call's rows draft again at once, rows stream; first_draft_tokens=null:
-every student draft runs to the cap). With --engines block_size=32 ..., also lockstep and draft-verify on one more
-engine pair per argument, with those services.* fields changed (comma-separated), and its speed-up
-over the config's engines (concurrent_calls=1: engines that serve one call at a time, as services
-ran before calls shared the running batch). vLLM's prefix cache reuses whole KV blocks only (128 tokens on its CPU
-build), and every draft and verify call sends its row's whole prefix again.
+With --rollout FIELD=VALUE[,FIELD=VALUE] ..., also draft-verify with those rollout.* fields
+changed, one run per argument, and its ratio to the config's (e.g. regroup_fraction=0: each
+call's rows draft again at once, rows stream; first_draft_tokens=null: every student draft runs
+to the cap). With --engines block_size=32 ..., also lockstep and draft-verify on one more engine
+pair per argument, with those services.* fields changed (comma-separated), and its speed-up over
+the config's engines (concurrent_calls=1: engines that serve one call at a time, as services ran
+before calls shared the running batch). vLLM's prefix cache reuses whole KV blocks only (128
+tokens on its CPU build), and every draft and verify call sends its row's whole prefix again.
 With --exact, SWITCH and AdaSwitch also run with rollout.divergence=exact (both engines return the
 whole vocabulary and the rules decide on exact divergences) next to the config's mode, on the same
-engines. With --learner, also a DeepSpeed learner on the student: train tokens/s on the draft-verify batch
-and the weight push's time as a share of the whole step (rollout + train + push).
+engines. With --learner, also a DeepSpeed learner on the student: train tokens/s on the
+draft-verify batch and the weight push's time as a share of the whole step (rollout + train + push).
 Figures only: nothing here asserts a time.
 """
 from __future__ import annotations
