@@ -31,12 +31,20 @@ from orchestrator.metrics import read_records, step_records
 from orchestrator.models import check_pair
 
 
+def stage_seconds(steps: list[dict]) -> dict[str, np.ndarray]:
+    """Each step's seconds per stage, and "loop": the step's wall time less its evaluation and
+    checkpoint (start-up and export are outside the steps)."""
+    stage = {name: np.array([r.get(f"{name}_seconds") or 0.0 for r in steps])
+             for name in ("step", "rollout", "train", "push", "eval", "checkpoint")}
+    stage["loop"] = stage["step"] - stage["eval"] - stage["checkpoint"]
+    return stage
+
+
 def timings(run_dir: Path) -> dict:
     """Loop seconds, steps and tokens of a finished run, and its per-step stage seconds."""
     steps = step_records(read_records(run_dir))
-    stage = {name: np.array([r.get(f"{name}_seconds") or 0.0 for r in steps])
-             for name in ("step", "rollout", "train", "push", "eval", "checkpoint")}
-    loop = float((stage["step"] - stage["eval"] - stage["checkpoint"]).sum())
+    stage = stage_seconds(steps)
+    loop = float(stage["loop"].sum())
     tokens = int(sum(r["rollout_tokens"] for r in steps))
     return {"steps": len(steps), "tokens": tokens, "loop_seconds": loop,
             "steps_per_second": len(steps) / loop, "tokens_per_second": tokens / loop,

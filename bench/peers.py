@@ -50,15 +50,13 @@ def switchkd_overrides(args) -> list[str]:
             "loss.kind=jsd", "loss.beta=0.5", "rollout.student_temperature=1.0", f"seed={args.seed}"]
 
 
-def step_prompts(args) -> tuple[list[str], list[str], list[list[int]], object]:
+def step_prompts(cfg, args) -> tuple[list[str], list[str], list[list[int]], object]:
     """The prompts (text and ids) and references of every step, in switchkd's order, and the student tokenizer."""
     from transformers import AutoTokenizer
 
-    from orchestrator.config import load_config
     from orchestrator.data import load_split
     from orchestrator.steps import batch_rows
 
-    cfg = load_config(args.config, switchkd_overrides(args))
     tokenizer = AutoTokenizer.from_pretrained(cfg.models.student)
     train = load_split(cfg.data, "train", tokenizer)
     indices, _ = batch_rows(len(train), 0, args.prompts * args.steps, cfg.seed)
@@ -79,7 +77,7 @@ def run_trl(path: str, args) -> dict:
     from orchestrator.config import load_config
 
     cfg = load_config(args.config, switchkd_overrides(args))
-    texts, references, prompt_ids, tokenizer = step_prompts(args)
+    texts, references, prompt_ids, tokenizer = step_prompts(cfg, args)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(args.seed)
@@ -155,7 +153,7 @@ def run_trl(path: str, args) -> dict:
 
 
 def run_switchkd(path: str, args) -> dict:
-    from bench.overlap import timings
+    from bench.overlap import stage_seconds
     from build.ensure import ensure_models
     from orchestrator.config import load_config
     from orchestrator.launcher import connect_ray
@@ -171,25 +169,29 @@ def run_switchkd(path: str, args) -> dict:
     ensure_models(cfg)
     run(cfg)
     steps = step_records(read_records(run_dir))
+    stage = stage_seconds(steps)
     return {"version": "switchkd " + subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
                                                    text=True).stdout.strip(),
-            "step_seconds": [r["step_seconds"] - (r.get("eval_seconds") or 0) - (r.get("checkpoint_seconds") or 0)
-                             for r in steps],
+            "step_seconds": stage["loop"].tolist(),
             "step_tokens": [int(r["rollout_tokens"]) for r in steps],
-            "stages": {k: [r.get(f"{k}_seconds") or 0.0 for r in steps] for k in ("rollout", "train", "push")},
-            "overlapped": cfg.schedule.max_policy_lag > 0,
-            "loop": timings(run_dir)["loop_seconds"]}
+            "stages": {k: stage[k].tolist() for k in ("rollout", "train", "push")},
+            "overlapped": cfg.schedule.max_policy_lag > 0}
 
 
 # -- the bench -------------------------------------------------------------------------------------
 
 
+def timed_steps(result: dict) -> slice:
+    """The steps a figure counts: all after the first (the warm-up). With a rollout/train overlap
+    (schedule.max_policy_lag > 0) the last is left out too: it trains a batch rolled out during
+    the step before and rolls out nothing ahead, so it would flatter the rate."""
+    return slice(1, -1 if result.get("overlapped") else None)
+
+
 def summary(result: dict) -> dict:
-    """Trained tokens/s over the steps after the first (the warm-up). With a rollout/train overlap
-    (schedule.max_policy_lag > 0) the last step is left out too: it trains a batch rolled out
-    during the step before and rolls out nothing ahead, so it would flatter the rate."""
-    last = -1 if result.get("overlapped") else None
-    seconds, tokens = result["step_seconds"][1:last], result["step_tokens"][1:last]
+    """Trained tokens/s over the timed steps."""
+    timed = timed_steps(result)
+    seconds, tokens = result["step_seconds"][timed], result["step_tokens"][timed]
     return {"steps_timed": len(seconds), "tokens": int(sum(tokens)), "seconds": float(sum(seconds)),
             "tokens_per_second": float(sum(tokens) / sum(seconds)), "seconds_per_step": float(np.mean(seconds)),
             "tokens_per_step": float(np.mean(tokens))}
@@ -227,9 +229,8 @@ def main() -> None:
     results = {}
     for path in args.paths:
         (out / f"{path}.json").unlink(missing_ok=True)
-        argv = [a for a in sys.argv[1:]]
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "bench.peers", "--path", path, *argv])
+        subprocess.run([sys.executable, "-m", "bench.peers", "--path", path, *sys.argv[1:]])
         file = out / f"{path}.json"
         results[path] = json.loads(file.read_text()) if file.exists() else {"error": "the process died (see its log)"}
         results[path]["wall_seconds"] = time.perf_counter() - started
@@ -251,7 +252,7 @@ def main() -> None:
               f"{r['tokens_per_second']:.1f} | {ratio} |")
     for path, r in timed.items():
         if "stages" in r:
-            mean = {k: np.mean(v[1:]) for k, v in r["stages"].items()}
+            mean = {k: np.mean(v[timed_steps(r)]) for k, v in r["stages"].items()}
             print(f"{path}: rollout {mean['rollout']:.1f} s, train {mean['train']:.1f} s, push {mean['push']:.1f} s per step")
 
 

@@ -76,8 +76,9 @@ def main() -> None:
     from services.model_service import raise_errors
 
     # With --exact the engines start able to return the whole vocabulary (max_logprobs -1).
+    exact_engines = ["rollout.divergence=exact"] if args.exact else []
     cfg = load_config(args.config, [*args.overrides, f"rollout.max_new_tokens={args.new_tokens}", "ray.dashboard=false",
-                                    *(["rollout.divergence=exact"] if args.exact else [])])
+                                    *exact_engines])
     ensure_models(cfg)
     tokenizer = check_pair(cfg.models.teacher, cfg.models.student)
     examples = load_split(cfg.data, cfg.data.eval_split, tokenizer)
@@ -93,7 +94,7 @@ def main() -> None:
     variants = {}
     for n, variant in enumerate(args.engines):
         changes = [f"services.{role}.{change}" for role in ("teacher", "student") for change in variant.split(",")]
-        engine_cfg = load_config(args.config, [*args.overrides, *changes, *(["rollout.divergence=exact"] if args.exact else [])])
+        engine_cfg = load_config(args.config, [*args.overrides, *changes, *exact_engines])
         variants[variant] = tuple(start_service(f"{role}-variant{n}", getattr(cfg.models, role),
                                                 replace(getattr(engine_cfg.services, role), num_cpus=0), eos, cfg.seed)
                                   for role in ("teacher", "student"))
@@ -136,16 +137,14 @@ def main() -> None:
     last_batch = None
     for policy, extra in runs:
         results = {}
+        run_overrides = [*args.overrides, f"policy.name={policy}", *extra, f"rollout.max_new_tokens={args.new_tokens}"]
         for strategy in ("lockstep", "draft_verify"):
-            cfg_run = load_config(args.config, [*args.overrides, f"policy.name={policy}", *extra,
-                                                f"rollout.strategy={strategy}",
-                                                f"rollout.max_new_tokens={args.new_tokens}"])
+            cfg_run = load_config(args.config, [*run_overrides, f"rollout.strategy={strategy}"])
             ro = Rollout(cfg_run.policy, cfg_run.rollout, teacher, student, eos, max_model_len, teacher.vocab_size)
             repeats = 1 if strategy == "lockstep" else args.repeats  # lockstep is the slow reference
             results[strategy] = fastest(ro, repeats)
         for variant in args.rollout:
-            cfg_variant = load_config(args.config, [*args.overrides, f"policy.name={policy}", *extra,
-                                                    f"rollout.max_new_tokens={args.new_tokens}",
+            cfg_variant = load_config(args.config, [*run_overrides, "rollout.strategy=draft_verify",
                                                     *(f"rollout.{change}" for change in variant.split(","))])
             ro = Rollout(cfg_variant.policy, cfg_variant.rollout, teacher, student, eos, max_model_len,
                          teacher.vocab_size)
