@@ -16,7 +16,8 @@ response once (what lockstep would cost with no overhead).
 With --rollout FIELD=VALUE[,FIELD=VALUE] ..., also draft-verify with those rollout.* fields
 changed, one run per argument, and its ratio to the config's (e.g. regroup_fraction=0: each
 call's rows draft again at once, rows stream; first_draft_tokens=null: every student draft runs
-to the cap). With --engines block_size=32 ..., also lockstep and draft-verify on one more engine
+to the cap; sessions=true: rows keep their requests in the engines between calls;
+strategy=lockstep,sessions=true: lockstep so). With --engines block_size=32 ..., also lockstep and draft-verify on one more engine
 pair per argument, with those services.* fields changed (comma-separated), and its speed-up over
 the config's engines (concurrent_calls=1: engines that serve one call at a time, as services ran
 before calls shared the running batch). vLLM's prefix cache reuses whole KV blocks only (128
@@ -171,9 +172,9 @@ def main() -> None:
         for variant in args.rollout:
             batch, seconds, _ = results[f"rollout {variant}"]
             calls_v = batch.stats["teacher_calls"] + batch.stats["student_calls"]
-            print(f"  draft-verify with {variant}: {seconds:8.2f}s (round trips/seq {calls_v.mean():.2f}, teacher "
-                  f"tokens {batch.stats['teacher_fraction'].mean():.3f}) = {seconds / dv_s:.3f}x the config's; "
-                  f"{seconds / own_floor:.3f} of the policy floor")
+            print(f"  with {variant}: {seconds:8.2f}s (round trips/seq {calls_v.mean():.2f}, teacher "
+                  f"tokens {batch.stats['teacher_fraction'].mean():.3f}) = {seconds / dv_s:.3f}x the config's draft-verify, "
+                  f"{lock_s / seconds:.2f}x faster than its lockstep; {seconds / own_floor:.3f} of the policy floor")
         for variant in variants:
             _, variant_lock_s, _ = results[f"{variant} lockstep"]
             _, variant_dv_s, _ = results[f"{variant} draft_verify"]

@@ -131,6 +131,10 @@ class RolloutConfig:
     # call's rows draft again as soon as it returns (rows stream; cheap where calls share the
     # engines' running batch). The tokens are the same either way.
     regroup_fraction: float = 0.5
+    # Each row keeps its request alive in both engines between calls (vLLM resumable requests), so
+    # a call sends only the tokens its prefix adds instead of prefilling it again from the last
+    # whole cached KV block: what lockstep's one-token steps need. Ended when the rollout ends.
+    sessions: bool = False
     student_temperature: float = 1.0  # 0 = greedy
     teacher_temperature: float = 1.0
     # What SWITCH and AdaSwitch decide on. "topk": divergences estimated from both models' top

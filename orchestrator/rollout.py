@@ -16,6 +16,10 @@ tokens are drawn from the teacher's top-k at the teacher temperature in both: by
 so the order in which answers come back changes nothing), by vLLM's top-k sampling when the
 teacher drafts.
 
+With ``rollout.sessions`` each row's request stays alive in both engines between its calls
+(services.model_service: vLLM resumable requests), so a lockstep step sends one token per row
+instead of prefilling the row again from its last whole cached KV block; the rollout ends them.
+
 In draft-verify sequences move independently: calls to the two services overlap, and rows that
 finished a hand-over draft again together as soon as half the live rows are ready (or nothing
 else is in flight), so calls stay batched without a global barrier.
@@ -92,7 +96,13 @@ def run_rollout(
     buf = RolloutBuffer.start(prompts, ro.cfg.max_new_tokens, ro.max_model_len, ro.cfg.top_k)
     _write_references(ro, buf, references, state)
     strategy = lockstep if ro.cfg.strategy == "lockstep" else draft_verify
-    strategy(ro, buf, state, np.asarray(row_ids, dtype=np.int64), seed, policy_version)
+    row_ids = np.asarray(row_ids, dtype=np.int64)
+    try:
+        strategy(ro, buf, state, row_ids, seed, policy_version)
+    finally:
+        if ro.cfg.sessions:  # the rows' KV goes back to the engines
+            for service in (ro.student, ro.teacher):
+                service.end_sessions(row_ids.tolist())
     ro.timings["rollout_seconds"] = time.perf_counter() - started
     return buf.to_batch(policy_version)
 
@@ -105,9 +115,10 @@ def lockstep(ro: Rollout, buf: RolloutBuffer, state: PolicyState, row_ids, seed,
     while (live := np.flatnonzero(~buf.done)).size:
         prefixes = buf.prefixes(live)
         positions = buf.length[live]
+        keys = row_ids[live].tolist()
         student = ro.student.generate(prefixes, 1, k, ro.cfg.student_temperature,
-                                      seeds=_seeds(seed, row_ids[live], positions), keys=row_ids[live].tolist())
-        teacher = ro.teacher.generate(prefixes, 1, k, 0.0, keys=row_ids[live].tolist())
+                                      seeds=_seeds(seed, row_ids[live], positions), keys=keys, sessions=ro.cfg.sessions)
+        teacher = ro.teacher.generate(prefixes, 1, k, 0.0, keys=keys, sessions=ro.cfg.sessions)
         student, teacher = student.result(), teacher.result()
         raise_errors(student, "student request")
         raise_errors(teacher, "teacher request")
@@ -162,12 +173,14 @@ def draft_verify(ro: Rollout, buf: RolloutBuffer, state: PolicyState, row_ids, s
             keys = row_ids[group].tolist()
             if pen == STUDENT:
                 pending = ro.student.generate(buf.prefixes(group), budgets, k, ro.cfg.student_temperature,
-                                              seeds=_seeds(seed, row_ids[group], buf.length[group]), keys=keys)
+                                              seeds=_seeds(seed, row_ids[group], buf.length[group]), keys=keys,
+                                              sessions=ro.cfg.sessions)
                 buf.student_calls[group] += 1
             else:
                 # The teacher samples from its top-k, as draw_from_topk does.
                 pending = ro.teacher.generate(buf.prefixes(group), budgets, k, ro.cfg.teacher_temperature,
-                                              top_k=ro.cfg.top_k, seeds=_seeds(seed + 1, row_ids[group], buf.length[group]), keys=keys)
+                                              top_k=ro.cfg.top_k, seeds=_seeds(seed + 1, row_ids[group], buf.length[group]), keys=keys,
+                                              sessions=ro.cfg.sessions)
                 buf.teacher_calls[group] += 1
             calls.append(_Call(pending, "draft", pen, group))
 

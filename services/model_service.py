@@ -18,6 +18,15 @@ coordinator owns it). Results come back as padded numpy arrays (TopK) plus the w
 that produced them. A bad request (too long, empty, ids outside the vocabulary, k above
 max_logprobs) is reported in ``errors`` for its index; the others are served.
 
+A row can keep its place in the engine between calls (``generate(..., session_keys=...)``): its
+request stays alive after a call as a vLLM resumable request (a streaming-input session), holding
+the KV of what it has computed, and a later call whose prefix extends that context sends only the
+new tokens. Lockstep asks for one token per row per call: without a session every call
+prefills the row again from its last whole cached block. A prefix that does not extend the
+session's context (a draft cut short) ends it and starts a new one from the whole prefix, so
+callers always send whole prefixes and a lost session (a restarted replica) costs time, never a
+wrong answer. A weight load ends every session (their KV is the old weights').
+
 Calls share the engine. Started with ``max_concurrency`` > 1 (``services.*.concurrent_calls``),
 Ray runs several calls at once in threads; each adds its requests to the one engine, and
 whichever call holds the engine lock steps it for all of them, so a one-row verify joins the
@@ -34,6 +43,7 @@ import os
 import shutil
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +81,19 @@ def merge_times(parts: list[CallTimes]) -> CallTimes:
                      max(t.engine_seconds for t in parts), max(t.engine_steps for t in parts),
                      max(t.convert_seconds for t in parts), sum(t.prompt_tokens for t in parts),
                      sum(t.cached_tokens for t in parts))
+
+
+@dataclass
+class _Session:
+    """A row's resumable vLLM request, between calls."""
+
+    request_id: str  # the id vLLM's engine knows it by
+    external_id: str  # the id its outputs carry
+    tokens: list[int]  # the context the engine holds KV for: its prompts so far, less each turn's last sampled token
+    outputs: int  # tokens it has returned over all its turns (vLLM's outputs are cumulative)
+
+
+MAX_SESSION_OUTPUTS = 1_000_000  # logprob entries vLLM keeps per session (it accumulates them): restart past it
 
 
 @dataclass
@@ -125,6 +148,8 @@ class ModelService:
         self._owners: dict[str, tuple[dict, int]] = {}  # request id -> (its call's outputs, its index)
         self._prefilling: dict[str, int] = {}  # request id -> prompt tokens, until its first output
         self._prefill_tokens = 0  # their sum (read without the lock: an int, not a dict being changed)
+        self._sessions: OrderedDict[object, _Session] = OrderedDict()  # rows' requests kept between calls, by key
+        self._open_sessions: dict[str, _Session] = {}  # sessions in a turn, by the id their outputs carry
         self.engine = _make_engine(model, engine, seed)
         self.vocab_size = self.engine.model_config.get_vocab_size()
         from vllm.platforms import current_platform
@@ -132,6 +157,7 @@ class ModelService:
         self._on_cpu = current_platform.is_cpu()
         self._step_token_budget = self.engine.vllm_config.scheduler_config.max_num_batched_tokens
         self._max_num_seqs = self.engine.vllm_config.scheduler_config.max_num_seqs
+        self._supported_tasks = self.engine.get_supported_tasks()
         self._incoming: dict | None = None  # the streamed weight load in progress
         self.weights_dir = Path(weights_dir) if weights_dir else None
         if self.weights_dir is not None:
@@ -186,15 +212,19 @@ class ModelService:
         top_k: int = -1,
         seeds: list[int] | None = None,
         ignore_eos: bool = False,
+        session_keys: list | None = None,
     ) -> GenerateResult:
         """Continue each prefix; per generated position the sampled token and the top-k.
 
         ``top_k`` > 0 samples from the model's top ``top_k`` only (the teacher samples from its
         top-k, exactly as the coordinator draws teacher tokens); -1 samples the full vocabulary.
         ``seeds`` make sampling reproducible per request. ``ignore_eos``: every row runs to its
-        budget (benchmarks that need a fixed number of decoding steps).
+        budget (benchmarks that need a fixed number of decoding steps). ``session_keys``: one key
+        per row; the row's request stays in the engine after the call, and its next call under
+        the same key sends only what its prefix adds (module docstring).
         """
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
         times = CallTimes(received_at=time.time())
         n = len(prefixes)
@@ -214,22 +244,26 @@ class ModelService:
                     stop_token_ids=[] if ignore_eos else [self.eos_token_id],
                     ignore_eos=ignore_eos,
                     seed=None if seeds is None else int(seeds[i]),
+                    # A session's outputs grow over its calls: `first` below says where this call's begin.
+                    output_kind=RequestOutputKind.CUMULATIVE,
                 )
                 requests[i] = (prefixes[i], params)
-        outputs, version = self._run(requests, times)
+        sessions = {} if session_keys is None else {i: session_keys[i] for i in requests}
+        first: dict[int, int] = {}  # per session row, its outputs before this call
+        outputs, version = self._run(requests, times, sessions, first)
 
         convert_started = time.perf_counter()
         lengths = np.zeros(n, dtype=np.int64)
         for i, out in outputs.items():
-            lengths[i] = len(out.outputs[0].token_ids)
+            lengths[i] = len(out.outputs[0].token_ids) - first.get(i, 0)
         tokens = np.full((n, int(lengths.max(initial=0))), PAD_ID, dtype=np.int64)
         topk = TopK.empty(tokens.shape, k)
         finished_eos = np.zeros(n, dtype=bool)
         for i, out in outputs.items():
             completion = out.outputs[0]
-            tokens[i, : lengths[i]] = completion.token_ids
+            tokens[i, : lengths[i]] = completion.token_ids[first.get(i, 0):]
             finished_eos[i] = lengths[i] > 0 and completion.token_ids[-1] == self.eos_token_id
-            ids, logprobs = flat_to_arrays(completion.logprobs, 0, kk)
+            ids, logprobs = flat_to_arrays(completion.logprobs, first.get(i, 0), kk)
             fill_topk(topk, i, ids, logprobs)
         times.convert_seconds = time.perf_counter() - convert_started
         times.answered_at = time.time()
@@ -287,10 +321,20 @@ class ModelService:
         self.load_bucket(blob)
         return self.end_weights(version)
 
+    def end_sessions(self, keys: list | None = None) -> int:
+        """End the sessions of ``keys`` (all when None), freeing their KV; returns how many ended."""
+        with self._engine_lock:
+            ending = list(self._sessions) if keys is None else [key for key in keys if key in self._sessions]
+            for key in ending:
+                self._end_session(self._sessions.pop(key))
+            return len(ending)
+
     def _open_stream(self, version: int, keep: bool) -> None:
         """Start the engine's reload of ``version``; ``keep``: its buckets are staged in weights_dir."""
         if self._incoming is not None:
             self._close_stream()
+        while self._sessions:  # their KV is the old weights'
+            self._end_session(self._sessions.popitem()[1])
         self.engine.collective_rpc("begin_weight_stream")
         staging = None
         if keep:
@@ -344,10 +388,12 @@ class ModelService:
             return f"k={k} is above this engine's max_logprobs={self.max_logprobs}"
         return None
 
-    def _run(self, requests: dict, times: CallTimes) -> tuple[dict, int]:
+    def _run(self, requests: dict, times: CallTimes, sessions: dict | None = None,
+             first: dict | None = None) -> tuple[dict, int]:
         """Run the requests through the engine, beside those of the other calls in flight; their
         outputs by index and the weight version that computed them. ``times`` gets the engine
-        steps taken while the call was in flight."""
+        steps taken while the call was in flight. ``sessions``: index -> key of the rows that run
+        as sessions; ``first`` gets, for each, the outputs its request had before this call."""
         with self._engine_lock:
             if self._incoming is not None:
                 raise RuntimeError(f"{self.name}: weight version {self._incoming['version']} is being loaded; "
@@ -357,8 +403,7 @@ class ModelService:
         try:
             outputs = {}
             for wave in self._waves(requests):
-                outputs.update(self._run_wave(wave))
-            times.prompt_tokens += sum(len(tokens) for tokens, _ in requests.values())
+                outputs.update(self._run_wave(wave, times, sessions or {}, first if first is not None else {}))
             times.cached_tokens += sum(out.num_cached_tokens or 0 for out in outputs.values())
             return outputs, version
         finally:
@@ -381,10 +426,8 @@ class ModelService:
             tokens += len(prompt)
         return waves + [wave] if wave else waves
 
-    def _run_wave(self, requests: dict) -> dict:
+    def _run_wave(self, requests: dict, times: CallTimes, sessions: dict, first: dict) -> dict:
         """Add the requests to the engine and step it until every one of them has finished."""
-        from vllm.inputs import TokensPrompt
-
         outputs = {}
         unchunked = self._on_cpu and any(params.seed is not None for _, params in requests.values())
         prompt_tokens = sum(len(tokens) for tokens, _ in requests.values())
@@ -394,16 +437,67 @@ class ModelService:
             with self._engine_lock:
                 if not unchunked or self._fits_one_step(len(requests), prompt_tokens):
                     for index, (tokens, params) in requests.items():
-                        self._request_counter += 1
-                        request_id = f"{self.name}-{self._request_counter}"
+                        request_id, sent = self._add_request(list(map(int, tokens)), params, sessions.get(index),
+                                                             first, index)
                         self._owners[request_id] = (outputs, index)
-                        self._prefilling[request_id] = len(tokens)
-                        self._prefill_tokens += len(tokens)
-                        self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(map(int, tokens))),
-                                                params)
+                        self._prefilling[request_id] = sent
+                        self._prefill_tokens += sent
+                        times.prompt_tokens += sent
                     break
         self._step_until(lambda: len(outputs) == len(requests))
+        with self._engine_lock:  # each session waits for its row's next call
+            for index, key in sessions.items():
+                if index in requests:
+                    self._keep_session(key, requests[index][0], outputs[index])
         return outputs
+
+    def _add_request(self, tokens: list[int], params, key, first: dict, index: int) -> tuple[str, int]:
+        """Hand one request to the engine (lock held): a plain one, or a turn of the session of
+        ``key``, resumed when ``tokens`` extends its context. Returns the id its outputs carry and
+        the prompt tokens sent."""
+        from vllm.inputs import TokensPrompt
+
+        self._request_counter += 1
+        if key is None:
+            request_id = f"{self.name}-{self._request_counter}"
+            self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=tokens), params)
+            return request_id, len(tokens)
+        session = self._sessions.pop(key, None)
+        if session is not None and not (len(session.tokens) < len(tokens) and tokens[: len(session.tokens)] == session.tokens
+                                        and session.outputs * (params.logprobs + 1) < MAX_SESSION_OUTPUTS):
+            self._end_session(session)
+            session = None
+        sent = tokens[len(session.tokens):] if session else tokens
+        processor = self.engine.input_processor
+        request = processor.process_inputs(session.request_id if session else f"{self.name}-s{self._request_counter}",
+                                           TokensPrompt(prompt_token_ids=list(sent)), params,
+                                           supported_tasks=self._supported_tasks, resumable=True)
+        if session is None:
+            processor.assign_request_id(request)  # vLLM's internal id: external id + a random suffix
+            session = _Session(request.request_id, request.external_req_id, [], 0)
+        else:
+            request.external_req_id = session.external_id
+        first[index] = session.outputs
+        self._open_sessions[session.external_id] = session
+        self.engine.output_processor.add_request(request, None, None, 0)
+        self.engine.engine_core.add_request(request)
+        return session.external_id, len(sent)
+
+    def _keep_session(self, key, tokens: list[int], out) -> None:
+        """After a session's turn (lock held): the engine computed ``tokens`` and each token this
+        turn returned except the last, which vLLM drops when the next turn's tokens come in."""
+        session = self._open_sessions.pop(out.request_id)
+        returned = out.outputs[0].token_ids
+        session.tokens = list(map(int, tokens)) + list(returned[session.outputs: -1])
+        session.outputs = len(returned)
+        if key in self._sessions:  # another call under the same key kept its own meanwhile
+            self._end_session(self._sessions.pop(key))
+        self._sessions[key] = session
+        if len(self._sessions) > self._max_num_seqs:  # the oldest give their KV back
+            self._end_session(self._sessions.popitem(last=False)[1])
+
+    def _end_session(self, session: _Session) -> None:
+        self.engine.abort_request([session.request_id], internal=True)
 
     def _fits_one_step(self, n: int, prompt_tokens: int) -> bool:
         """``n`` prompts of ``prompt_tokens`` in all would be prefilled whole in the next step, beside
@@ -446,7 +540,8 @@ class ModelService:
                 times.engine_steps += 1
             for out in step_outputs:
                 self._prefill_tokens -= self._prefilling.pop(out.request_id, 0)
-                if out.finished:
+                # A session's turn ends with a finish reason but not `finished` (it waits for more input).
+                if out.finished or out.outputs[0].finish_reason is not None:
                     outputs, index = self._owners.pop(out.request_id)
                     outputs[index] = out
             return True

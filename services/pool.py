@@ -162,15 +162,34 @@ class ServicePool:
 
     def generate(self, prefixes, max_new_tokens, k: int, temperature: float = 1.0, top_k: int = -1,
                  seeds: Sequence[int] | None = None, keys: Sequence[Hashable] | None = None,
-                 ignore_eos: bool = False) -> Pending:
+                 ignore_eos: bool = False, sessions: bool = False) -> Pending:
+        """``sessions``: each row's request stays in its replica's engine under its key, and the
+        row's next call there sends only what its prefix adds (ModelService.generate)."""
+        if sessions and keys is None:
+            raise ValueError("generate(sessions=True) needs a key per row")
         budgets = [max_new_tokens] * len(prefixes) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         parts = [
             self._send(_Part(r, "generate", ([prefixes[i] for i in rows], [budgets[i] for i in rows], k, temperature,
-                                             top_k, None if seeds is None else [seeds[i] for i in rows], ignore_eos),
+                                             top_k, None if seeds is None else [seeds[i] for i in rows], ignore_eos,
+                                             [keys[i] for i in rows] if sessions else None),
                              rows, sum(len(prefixes[i]) + budgets[i] for i in rows)))
             for r, rows in self._split([len(p) + b for p, b in zip(prefixes, budgets)], keys)
         ]
         return Pending(self, parts, len(prefixes))
+
+    def end_sessions(self, keys: Sequence[Hashable] | None = None) -> int:
+        """End the sessions of ``keys`` (all when None) on every replica that is up, freeing their
+        KV; how many ended. A replica that is down has lost its sessions already."""
+        down = self.down()
+        calls = [actor.end_sessions.remote(None if keys is None else list(keys))
+                 for r, actor in enumerate(self.actors) if r not in down]
+        ended = 0
+        for call in calls:
+            try:
+                ended += ray.get(call, timeout=self.request_timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                pass  # died or hung meanwhile: a restart takes its sessions along; else its next weight load ends them
+        return ended
 
     def load_weights(self, blob, version: int) -> list[int]:
         """Every replica gets the same weights (a safetensors blob, or a Ray object reference to

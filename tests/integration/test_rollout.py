@@ -88,6 +88,21 @@ def test_draft_verify_with_a_draft_limit_matches_lockstep(pools, embedded_data):
     np.testing.assert_array_equal(dv.writer, lock.writer)
 
 
+def test_sessions_change_no_token(pools, embedded_data):
+    """rollout.sessions keeps each row's request in both engines between calls (a lockstep step
+    then sends one token per row): the same tokens by the same hands, in both strategies, and
+    no session outlives its rollout."""
+    plain = _rollout(pools, embedded_data, "switch", "lockstep", n=6, max_new_tokens=64, temperature=0.0)
+    for strategy in ("lockstep", "draft_verify"):
+        kept = _rollout(pools, embedded_data, "switch", strategy, n=6, max_new_tokens=64, temperature=0.0,
+                        sessions=True)
+        np.testing.assert_array_equal(kept.tokens, plain.tokens)
+        np.testing.assert_array_equal(kept.writer, plain.writer)
+        np.testing.assert_allclose(kept.teacher.logprobs[kept.response_mask], plain.teacher.logprobs[plain.response_mask],
+                                   atol=1e-4)
+        assert pools[0].end_sessions() == 0 and pools[1].end_sessions() == 0
+
+
 def test_rollout_stops_at_eos_or_budget_in_both_strategies(pools, embedded_data):
     for strategy in ("lockstep", "draft_verify"):
         batch = _rollout(pools, embedded_data, "on_policy", strategy, n=6, max_new_tokens=12, temperature=0.0)

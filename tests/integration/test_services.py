@@ -86,6 +86,44 @@ def test_load_weights_changes_output_and_restores_it_exactly(student_pool, model
         ray.get(student_pool.actors[0].load_weights.remote(pack_state(original), 1))
 
 
+def test_a_session_sends_only_new_tokens_and_answers_as_a_fresh_call(student_pool, models):
+    """generate(sessions=True) keeps each row's request in the engine between calls: lockstep's next
+    step sends one token per row, also where the coordinator wrote a token the model did not
+    sample; a prefix that does not extend the session (a draft cut short) starts it over; the
+    answers are always those of a call with no session; a weight load ends every session."""
+    keys = ["session-a", "session-b", "session-c"]
+    prefixes = [list(p) for p in models["prompts"][:3]]
+    for step in range(6):
+        turn = student_pool.generate(prefixes, 1, K, temperature=0.0, keys=keys, sessions=True).result()
+        fresh = student_pool.generate(prefixes, 1, K, temperature=0.0).result()
+        raise_errors(turn)
+        np.testing.assert_array_equal(turn.tokens, fresh.tokens)
+        np.testing.assert_allclose(turn.topk.logprobs, fresh.topk.logprobs, atol=1e-4)
+        assert turn.times.prompt_tokens == (len(prefixes) if step else sum(map(len, prefixes)))
+        for i, prefix in enumerate(prefixes):  # odd steps: a token the model did not pick (a hand-over)
+            prefix.append(int(turn.topk.ids[i, 0, step % 2]))
+
+    cut = [p[:-3] for p in prefixes]
+    draft = student_pool.generate(cut, 4, K, temperature=0.0, keys=keys, sessions=True).result()
+    fresh = student_pool.generate(cut, 4, K, temperature=0.0).result()
+    assert draft.times.prompt_tokens == sum(map(len, cut))  # started over from the whole prefix
+    np.testing.assert_array_equal(draft.tokens, fresh.tokens)
+    np.testing.assert_allclose(draft.topk.logprobs, fresh.topk.logprobs, atol=1e-4)
+    # The draft kept whole: the next call sends its last token only (the engine computed the rest).
+    kept = [c + draft.tokens[i, : draft.lengths[i]].tolist() for i, c in enumerate(cut)]
+    assert (draft.lengths == 4).all()
+    after = student_pool.generate(kept, 1, K, temperature=0.0, keys=keys, sessions=True).result()
+    assert after.times.prompt_tokens == len(kept)
+    np.testing.assert_array_equal(after.tokens, student_pool.generate(kept, 1, K, temperature=0.0).result().tokens)
+
+    assert student_pool.end_sessions(keys[:1]) == 1 and student_pool.end_sessions(keys[:1]) == 0
+    from safetensors.torch import load_file
+
+    weights = pack_state(load_file(models["dir"] / "student" / "model.safetensors"))
+    student_pool.load_weights(weights, after.version + 1)  # the same weights, a new version
+    assert student_pool.end_sessions() == 0  # the load ended the other two
+
+
 def test_streamed_buckets_load_like_one_blob_and_a_failed_load_serves_no_version(student_pool, models):
     """The weights in three buckets give the very outputs of the weights they came from; a bucket
     the engine cannot load (a tensor of the wrong shape) takes the replica out of the push and has

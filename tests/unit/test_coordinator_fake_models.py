@@ -54,7 +54,7 @@ class FakePool:
         order = np.argsort(-logp, kind="stable")[:k]
         return order, logp[order]
 
-    def generate(self, prefixes, max_new_tokens, k, temperature=1.0, top_k=-1, seeds=None, keys=None):
+    def generate(self, prefixes, max_new_tokens, k, temperature=1.0, top_k=-1, seeds=None, keys=None, sessions=False):
         budgets = [max_new_tokens] * len(prefixes) if isinstance(max_new_tokens, int) else max_new_tokens
         width = max(budgets)
         tokens = np.full((len(prefixes), width), PAD_ID)
@@ -82,6 +82,9 @@ class FakePool:
         finished = np.array([lengths[i] > 0 and tokens[i, lengths[i] - 1] == EOS for i in range(len(prefixes))])
         return Done(GenerateResult(tokens[:, : lengths.max()], lengths, finished, topk[:, : lengths.max()], 0,
                                    [None] * len(prefixes)))
+
+    def end_sessions(self, keys=None):  # a fake keeps no state between calls
+        return 0
 
     def score(self, sequences, starts, k, keys=None):
         width = max(len(s) - r for s, r in zip(sequences, starts))
