@@ -3,7 +3,8 @@
     python -m bench.round_trip [--config deploy/configs/embedded.yaml] [--repeats 7]
 
 One replica of the teacher and one of the student (the config's engines otherwise). For a
-one-token ``generate`` and a short ``score`` (``--score-tokens`` response positions) at batch 1
+one-token ``generate``, the same as a lockstep step with sessions (``rollout.sessions``: each
+call adds one token to every row and sends only that), and a short ``score`` (``--score-tokens`` response positions) at batch 1
 and 32, the round trip as the coordinator sees it (``ServicePool`` call to merged answer), split
 into:
 
@@ -83,6 +84,19 @@ def measure(send, repeats: int) -> Split:
     return median_split([timed_call(send) for _ in range(repeats)])
 
 
+def session_step(pool, prompts: list[list[int]], k: int, label: str):
+    """``send()`` for lockstep steps with sessions: each call adds one token to every row, so every
+    call after the first (measure's warm-up, which starts the sessions) sends one token per row."""
+    prefixes = [list(p) for p in prompts]
+    keys = [f"{label}-{len(prompts)}-{i}" for i in range(len(prompts))]
+
+    def send():
+        for prefix in prefixes:
+            prefix.append(prefix[-1])  # which token it is does not change the time
+        return pool.generate(prefixes, 1, k, 0.0, keys=keys, sessions=True)
+    return send
+
+
 def row(engine: str, call: str, batch: int, s: Split) -> str:
     ms = lambda x: f"{1000 * x:.1f}"  # noqa: E731
     return (f"| {engine} | {call} | {batch} | {ms(s.total)} | {ms(s.coordinator)} | {ms(s.ray_in)} | {ms(s.service)} | "
@@ -133,6 +147,8 @@ def main() -> None:
         for batch in args.batches:
             split = measure(lambda: pool.generate(prompts[:batch], 1, k, 0.0), args.repeats)
             print(row(name, "generate 1 token", batch, split), flush=True)
+            split = measure(session_step(pool, prompts[:batch], k, name), args.repeats)
+            print(row(name, "generate 1 token, session", batch, split), flush=True)
             split = measure(lambda: pool.score(sequences[:batch], starts[:batch], k), args.repeats)
             print(row(name, f"score {args.score_tokens} positions", batch, split), flush=True)
 

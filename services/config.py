@@ -27,6 +27,10 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     # CPU builds of vLLM size their KV cache in GiB (VLLM_CPU_KVCACHE_SPACE).
     cpu_kv_cache_gb: int = 1
+    # rollout.sessions: the context, in tokens, that one replica's kept sessions may hold KV for
+    # (the oldest end first past it). vLLM cannot preempt a waiting session, so this leaves the
+    # rest of the cache to the requests in flight. null: half the KV cache.
+    session_kv_tokens: int | None = None
     # Skip torch.compile / CUDA graphs: starts in ~20 s instead of ~45 s on CPU; leave off on GPUs.
     enforce_eager: bool = False
     # vLLM's own engine metrics (queue, KV cache, throughput) on Ray's Prometheus endpoint.
@@ -60,6 +64,8 @@ class EngineConfig:
                      "concurrent_calls"):
             if getattr(self, name) < 1 and not (name == "max_logprobs" and self.max_logprobs == -1):
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.session_kv_tokens is not None and self.session_kv_tokens < 1:
+            raise ValueError(f"session_kv_tokens: must be >= 1 or null, got {self.session_kv_tokens}")
         if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"block_size: must be >= 1 or null, got {self.block_size}")
         if not 0 < self.gpu_memory_utilization <= 1:

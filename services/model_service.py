@@ -150,6 +150,8 @@ class ModelService:
         self._prefill_tokens = 0  # their sum (read without the lock: an int, not a dict being changed)
         self._sessions: OrderedDict[object, _Session] = OrderedDict()  # rows' requests kept between calls, by key
         self._open_sessions: dict[str, _Session] = {}  # sessions in a turn, by the id their outputs carry
+        self._session_tokens = 0  # the context the kept sessions hold KV for, in tokens
+        self._sessions_ended_for_room = 0  # kept sessions ended to stay within the budget below
         self.engine = _make_engine(model, engine, seed)
         self.vocab_size = self.engine.model_config.get_vocab_size()
         from vllm.platforms import current_platform
@@ -158,6 +160,11 @@ class ModelService:
         self._step_token_budget = self.engine.vllm_config.scheduler_config.max_num_batched_tokens
         self._max_num_seqs = self.engine.vllm_config.scheduler_config.max_num_seqs
         self._supported_tasks = self.engine.get_supported_tasks()
+        # Sessions hold KV between calls, where vLLM cannot preempt them: together they keep at
+        # most half the cache (or engine.session_kv_tokens), so the calls in flight always find
+        # room (the oldest end first).
+        cache = self.engine.vllm_config.cache_config
+        self._session_kv_tokens = engine.session_kv_tokens or (cache.num_gpu_blocks or 0) * cache.block_size // 2
         self._incoming: dict | None = None  # the streamed weight load in progress
         self.weights_dir = Path(weights_dir) if weights_dir else None
         if self.weights_dir is not None:
@@ -326,7 +333,7 @@ class ModelService:
         with self._engine_lock:
             ending = list(self._sessions) if keys is None else [key for key in keys if key in self._sessions]
             for key in ending:
-                self._end_session(self._sessions.pop(key))
+                self._end_session(self._pop_session(key))
             return len(ending)
 
     def _open_stream(self, version: int, keep: bool) -> None:
@@ -334,7 +341,7 @@ class ModelService:
         if self._incoming is not None:
             self._close_stream()
         while self._sessions:  # their KV is the old weights'
-            self._end_session(self._sessions.popitem()[1])
+            self._end_session(self._pop_session(next(iter(self._sessions))))
         self.engine.collective_rpc("begin_weight_stream")
         staging = None
         if keep:
@@ -371,7 +378,9 @@ class ModelService:
 
     def info(self) -> dict:
         return {"name": self.name, "model": self.model, "version": self.version, "vocab_size": self.vocab_size,
-                "max_model_len": self.max_model_len, "max_logprobs": self.max_logprobs, "pid": os.getpid()}
+                "max_model_len": self.max_model_len, "max_logprobs": self.max_logprobs, "pid": os.getpid(),
+                "sessions": len(self._sessions), "session_tokens": self._session_tokens,
+                "session_kv_tokens": self._session_kv_tokens, "sessions_ended_for_room": self._sessions_ended_for_room}
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -462,7 +471,7 @@ class ModelService:
             request_id = f"{self.name}-{self._request_counter}"
             self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=tokens), params)
             return request_id, len(tokens)
-        session = self._sessions.pop(key, None)
+        session = self._pop_session(key)
         if session is not None and not (len(session.tokens) < len(tokens) and tokens[: len(session.tokens)] == session.tokens
                                         and session.outputs * (params.logprobs + 1) < MAX_SESSION_OUTPUTS):
             self._end_session(session)
@@ -491,10 +500,18 @@ class ModelService:
         session.tokens = list(map(int, tokens)) + list(returned[session.outputs: -1])
         session.outputs = len(returned)
         if key in self._sessions:  # another call under the same key kept its own meanwhile
-            self._end_session(self._sessions.pop(key))
+            self._end_session(self._pop_session(key))
         self._sessions[key] = session
-        if len(self._sessions) > self._max_num_seqs:  # the oldest give their KV back
-            self._end_session(self._sessions.popitem(last=False)[1])
+        self._session_tokens += len(session.tokens)
+        while len(self._sessions) > self._max_num_seqs or self._session_tokens > self._session_kv_tokens:
+            self._end_session(self._pop_session(next(iter(self._sessions))))  # the oldest give their KV back
+            self._sessions_ended_for_room += 1
+
+    def _pop_session(self, key) -> _Session | None:
+        session = self._sessions.pop(key, None)
+        if session is not None:
+            self._session_tokens -= len(session.tokens)
+        return session
 
     def _end_session(self, session: _Session) -> None:
         self.engine.abort_request([session.request_id], internal=True)

@@ -27,8 +27,9 @@ def cpu_engine():
     from services.config import EngineConfig
 
     # max_logprobs 512: the fast embedded vocabulary (448) fits, so rollout.divergence=exact runs.
+    # session_kv_tokens 256: a few rows' sessions fit, a rollout's six do not (the oldest end).
     return EngineConfig(gpu_memory_utilization=0.1, enforce_eager=True, max_logprobs=512, cpu_kv_cache_gb=1,
-                        num_cpus=1)
+                        num_cpus=1, session_kv_tokens=256)
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -90,10 +90,17 @@ def test_draft_verify_with_a_draft_limit_matches_lockstep(pools, embedded_data):
 
 def test_sessions_change_no_token(pools, embedded_data):
     """rollout.sessions keeps each row's request in both engines between calls (a lockstep step
-    then sends one token per row): the same tokens by the same hands, in both strategies, and
-    no session outlives its rollout."""
+    then sends one token per row): the same tokens by the same hands, in both strategies, also
+    where six rows outgrow the replicas' session budget (cpu_engine's session_kv_tokens) and the
+    oldest sessions end and start over; no session outlives its rollout."""
+    import ray
+
+    def ended_for_room() -> int:
+        return sum(ray.get(actor.info.remote())["sessions_ended_for_room"] for pool in pools for actor in pool.actors)
+
     plain = _rollout(pools, embedded_data, "switch", "lockstep", n=6, max_new_tokens=64, temperature=0.0)
     for strategy in ("lockstep", "draft_verify"):
+        before = ended_for_room()
         kept = _rollout(pools, embedded_data, "switch", strategy, n=6, max_new_tokens=64, temperature=0.0,
                         sessions=True)
         np.testing.assert_array_equal(kept.tokens, plain.tokens)
@@ -101,6 +108,8 @@ def test_sessions_change_no_token(pools, embedded_data):
         np.testing.assert_allclose(kept.teacher.logprobs[kept.response_mask], plain.teacher.logprobs[plain.response_mask],
                                    atol=1e-4)
         assert pools[0].end_sessions() == 0 and pools[1].end_sessions() == 0
+        if strategy == "lockstep":  # its rows hold 223 prompt tokens + 64 each by the end: past 256
+            assert ended_for_room() > before
 
 
 def test_rollout_stops_at_eos_or_budget_in_both_strategies(pools, embedded_data):

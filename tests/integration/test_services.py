@@ -91,6 +91,8 @@ def test_a_session_sends_only_new_tokens_and_answers_as_a_fresh_call(student_poo
     step sends one token per row, also where the coordinator wrote a token the model did not
     sample; a prefix that does not extend the session (a draft cut short) starts it over; the
     answers are always those of a call with no session; a weight load ends every session."""
+    import ray
+
     keys = ["session-a", "session-b", "session-c"]
     prefixes = [list(p) for p in models["prompts"][:3]]
     for step in range(6):
@@ -100,6 +102,8 @@ def test_a_session_sends_only_new_tokens_and_answers_as_a_fresh_call(student_poo
         np.testing.assert_array_equal(turn.tokens, fresh.tokens)
         np.testing.assert_allclose(turn.topk.logprobs, fresh.topk.logprobs, atol=1e-4)
         assert turn.times.prompt_tokens == (len(prefixes) if step else sum(map(len, prefixes)))
+        info = ray.get(student_pool.actors[0].info.remote())  # each session holds KV for the prefix it was sent
+        assert info["sessions"] == 3 and info["session_tokens"] == sum(map(len, prefixes)) <= info["session_kv_tokens"]
         for i, prefix in enumerate(prefixes):  # odd steps: a token the model did not pick (a hand-over)
             prefix.append(int(turn.topk.ids[i, 0, step % 2]))
 
