@@ -138,7 +138,10 @@ def main() -> None:
     last_batch = None
     for policy, extra in runs:
         results = {}
-        run_overrides = [*args.overrides, f"policy.name={policy}", *extra, f"rollout.max_new_tokens={args.new_tokens}"]
+        # The lockstep and draft-verify columns run without sessions (configs may turn them on);
+        # --rollout sessions=true adds them, and an override given here wins.
+        run_overrides = ["rollout.sessions=false", *args.overrides, f"policy.name={policy}", *extra,
+                         f"rollout.max_new_tokens={args.new_tokens}"]
         for strategy in ("lockstep", "draft_verify"):
             cfg_run = load_config(args.config, [*run_overrides, f"rollout.strategy={strategy}"])
             ro = Rollout(cfg_run.policy, cfg_run.rollout, teacher, student, eos, max_model_len, teacher.vocab_size)

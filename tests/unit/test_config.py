@@ -14,6 +14,20 @@ def test_defaults_and_shipped_configs_load():
         assert isinstance(load_config(path), RunConfig), path
 
 
+def test_auto_strategy_is_lockstep_for_switch_only_and_resolves_after_overrides(tmp_path):
+    shipped = REPO / "deploy/configs/embedded.yaml"
+    assert load_config(shipped).rollout.strategy == "lockstep"  # its policy is SWITCH
+    for policy in ("on_policy", "skd", "adaswitch", "teacher"):
+        assert load_config(shipped, [f"policy.name={policy}", "policy.skd.top_k=20"]).rollout.strategy == "draft_verify"
+    # The sampled loss needs draft-verify's scoring pass: auto picks it where lockstep is refused.
+    assert load_config(shipped, ["loss.kind=sampled_reverse_kl"]).rollout.strategy == "draft_verify"
+    with pytest.raises(ValueError, match="sampled_reverse_kl needs"):
+        load_config(shipped, ["loss.kind=sampled_reverse_kl", "rollout.strategy=lockstep"])
+    cfg = load_config(shipped)
+    save_config(cfg, tmp_path / "c.yaml")  # a run saves what it ran
+    assert load_config(tmp_path / "c.yaml").rollout.strategy == "lockstep"
+
+
 def test_overrides_apply_with_types():
     cfg = load_config(REPO / "deploy/configs/embedded.yaml",
                       ["policy.name=adaswitch", "policy.adaswitch.window=12", "learner.lr=3e-5",
