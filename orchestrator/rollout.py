@@ -90,14 +90,14 @@ def run_rollout(
     reproduced. ``policy_version`` is the student weight version the rollout must be served by:
     a student answer from any other version is an error, never a silently stale batch.
     """
+    if ro.cfg.strategy not in ("lockstep", "draft_verify"):  # "auto" is resolved with the run's config
+        raise ValueError(f"rollout.strategy: {ro.cfg.strategy!r} must be resolved to lockstep or draft_verify "
+                         "before a rollout (load_config resolves auto from the policy)")
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
     state = init_state(ro.policy, len(prompts), rng)
     buf = RolloutBuffer.start(prompts, ro.cfg.max_new_tokens, ro.max_model_len, ro.cfg.top_k)
     _write_references(ro, buf, references, state)
-    if ro.cfg.strategy not in ("lockstep", "draft_verify"):  # "auto" is resolved with the run's config
-        raise ValueError(f"rollout.strategy: {ro.cfg.strategy!r} must be resolved to lockstep or draft_verify "
-                         "before a rollout (load_config resolves auto from the policy)")
     strategy = lockstep if ro.cfg.strategy == "lockstep" else draft_verify
     row_ids = np.asarray(row_ids, dtype=np.int64)
     try:

@@ -331,17 +331,13 @@ class ModelService:
     def end_sessions(self, keys: list | None = None) -> int:
         """End the sessions of ``keys`` (all when None), freeing their KV; returns how many ended."""
         with self._engine_lock:
-            ending = list(self._sessions) if keys is None else [key for key in keys if key in self._sessions]
-            for key in ending:
-                self._end_session(self._pop_session(key))
-            return len(ending)
+            return self._end_kept_sessions(keys)
 
     def _open_stream(self, version: int, keep: bool) -> None:
         """Start the engine's reload of ``version``; ``keep``: its buckets are staged in weights_dir."""
         if self._incoming is not None:
             self._close_stream()
-        while self._sessions:  # their KV is the old weights'
-            self._end_session(self._pop_session(next(iter(self._sessions))))
+        self._end_kept_sessions()  # their KV is the old weights'
         self.engine.collective_rpc("begin_weight_stream")
         staging = None
         if keep:
@@ -506,6 +502,13 @@ class ModelService:
         while len(self._sessions) > self._max_num_seqs or self._session_tokens > self._session_kv_tokens:
             self._end_session(self._pop_session(next(iter(self._sessions))))  # the oldest give their KV back
             self._sessions_ended_for_room += 1
+
+    def _end_kept_sessions(self, keys: list | None = None) -> int:
+        """End the kept sessions of ``keys`` (all when None; lock held); returns how many ended."""
+        ending = list(self._sessions) if keys is None else [key for key in keys if key in self._sessions]
+        for key in ending:
+            self._end_session(self._pop_session(key))
+        return len(ending)
 
     def _pop_session(self, key) -> _Session | None:
         session = self._sessions.pop(key, None)
