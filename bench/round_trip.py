@@ -5,8 +5,8 @@
 One replica of the teacher and one of the student (the config's engines otherwise). For a
 one-token ``generate``, the same as a lockstep step with sessions (``rollout.sessions``: each
 call adds one token to every row and sends only that), and a short ``score`` (``--score-tokens``
-response positions) at batch 1 and 32, the round trip as the coordinator sees it (``ServicePool`` call to merged answer), split
-into:
+response positions) at batch 1 and 32, the round trip as the coordinator sees it (``ServicePool``
+call to merged answer), split into:
 
     coordinator  the pool splitting the call over replicas and submitting it, then merging answers
     Ray in       submission to the actor's method starting (queueing behind other calls included)
