@@ -17,8 +17,7 @@ With --rollout FIELD=VALUE[,FIELD=VALUE] ..., also draft-verify with those rollo
 changed, one run per argument, and its ratio to the config's (e.g. regroup_fraction=0: each
 call's rows draft again at once, rows stream; first_draft_tokens=null: every student draft runs
 to the cap; sessions=true: rows keep their requests in the engines between calls;
-strategy=lockstep,sessions=true: lockstep so; draft_ahead=true: the student drafts on while its draft is
-verified, and the bench prints how many of those drafts were kept). With --engines block_size=32 ..., also lockstep and draft-verify on one more engine
+strategy=lockstep,sessions=true: lockstep so). With --engines block_size=32 ..., also lockstep and draft-verify on one more engine
 pair per argument, with those services.* fields changed (comma-separated), and its speed-up over
 the config's engines (concurrent_calls=1: engines that serve one call at a time, as services ran
 before calls shared the running batch). vLLM's prefix cache reuses whole KV blocks only (128
@@ -138,7 +137,7 @@ def main() -> None:
 
     last_batch = None
     for policy, extra in runs:
-        results, ahead = {}, {}
+        results = {}
         # The lockstep and draft-verify columns run without sessions (configs may turn them on);
         # --rollout sessions=true adds them, and an override given here wins.
         run_overrides = ["rollout.sessions=false", *args.overrides, f"policy.name={policy}", *extra,
@@ -154,7 +153,6 @@ def main() -> None:
             ro = Rollout(cfg_variant.policy, cfg_variant.rollout, teacher, student, eos, max_model_len,
                          teacher.vocab_size)
             results[f"rollout {variant}"] = fastest(ro)
-            ahead[variant] = dict(ro.timings)
         for variant, pair in variants.items():
             for strategy in ("lockstep", "draft_verify"):
                 ro = Rollout(cfg_run.policy, replace(cfg_run.rollout, strategy=strategy), *pair, eos, max_model_len,
@@ -180,8 +178,6 @@ def main() -> None:
             print(f"  with {variant}: {seconds:8.2f}s (round trips/seq {calls_v.mean():.2f}, teacher "
                   f"tokens {batch.stats['teacher_fraction'].mean():.3f}) = {seconds / dv_s:.3f}x the config's draft-verify, "
                   f"{lock_s / seconds:.2f}x faster than its lockstep; {seconds / own_floor:.3f} of the policy floor")
-            if "ahead_rows_sent" in ahead[variant]:  # rollout.draft_ahead: how often the bet held (last repeat)
-                print(f"    drafts ahead: {ahead[variant]['ahead_rows_kept']} of {ahead[variant]['ahead_rows_sent']} rows kept")
         for variant in variants:
             _, variant_lock_s, _ = results[f"{variant} lockstep"]
             _, variant_dv_s, _ = results[f"{variant} draft_verify"]

@@ -138,11 +138,6 @@ class RolloutConfig:
     # a call sends only the tokens its prefix adds instead of prefilling it again from the last
     # whole cached KV block: what lockstep's one-token steps need. Ended when the rollout ends.
     sessions: bool = False
-    # Draft-verify: while the teacher verifies a student draft, the student already drafts the next
-    # run as if the whole draft were kept (speculative decoding's pipelining). A draft kept whole
-    # saves the student's round trip; a cut drops the run drafted ahead (wasted decoding). The
-    # tokens are the same either way.
-    draft_ahead: bool = False
     student_temperature: float = 1.0  # 0 = greedy
     teacher_temperature: float = 1.0
     # What SWITCH and AdaSwitch decide on. "topk": divergences estimated from both models' top

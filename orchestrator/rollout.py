@@ -20,9 +20,6 @@ With ``rollout.sessions`` each row's request stays alive in both engines between
 (services.model_service: vLLM resumable requests), so a lockstep step sends one token per row
 instead of prefilling the row again from its last whole cached KV block; the rollout ends them.
 
-With ``rollout.draft_ahead`` the student drafts its next run while the teacher verifies the last,
-betting the draft is kept whole; a cut drops the run drafted ahead.
-
 In draft-verify sequences move independently: calls to the two services overlap, and rows that
 finished a hand-over draft again together as soon as half the live rows are ready (or nothing
 else is in flight), so calls stay batched without a global barrier.
@@ -30,7 +27,7 @@ else is in flight), so calls stay batched without a global barrier.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -154,12 +151,10 @@ def lockstep(ro: Rollout, buf: RolloutBuffer, state: PolicyState, row_ids, seed,
 @dataclass
 class _Call:
     pending: object  # services.pool.Pending
-    phase: str  # "draft", "verify", or "ahead" (a student draft that bets its base draft is kept whole)
+    phase: str  # "draft" or "verify"
     pen: int  # who drafted
     rows: np.ndarray
     draft: object = None  # the draft's GenerateResult, for a verify
-    ahead: "_Call | None" = None  # for a verify: the student's draft sent ahead beside it
-    won: np.ndarray | None = None  # for an ahead draft, once its base is verified: the rows whose bet held
 
 
 def draft_verify(ro: Rollout, buf: RolloutBuffer, state: PolicyState, row_ids, seed, policy_version) -> None:
@@ -169,9 +164,6 @@ def draft_verify(ro: Rollout, buf: RolloutBuffer, state: PolicyState, row_ids, s
     draft_length = np.full(len(buf.done), min(ro.cfg.first_draft_tokens, max_draft) if adaptive else max_draft)
     buf.pen[:] = first_pen(ro.policy)
     calls: list[_Call] = []
-    dropped = []  # drafts ahead whose bet failed, still running
-    if ro.cfg.draft_ahead:
-        ro.timings.update(ahead_rows_sent=0, ahead_rows_kept=0)
 
     def send_drafts(rows: np.ndarray) -> None:
         for pen in (STUDENT, TEACHER):
@@ -202,84 +194,38 @@ def draft_verify(ro: Rollout, buf: RolloutBuffer, state: PolicyState, row_ids, s
         verifier = ro.teacher if call.pen == STUDENT else ro.student
         pending = verifier.score(sequences, starts, k, keys=row_ids[rows].tolist())
         (buf.teacher_calls if call.pen == STUDENT else buf.student_calls)[rows] += 1
-        ahead = send_ahead(rows, draft) if ro.cfg.draft_ahead and call.pen == STUDENT else None
-        calls.append(_Call(pending, "verify", call.pen, rows, draft, ahead))
-
-    def send_ahead(rows: np.ndarray, draft) -> _Call | None:
-        """The student's next draft from the end of ``draft``, sent while ``draft`` is verified: the
-        same request (budget, seed, prefix) a row sends after its draft is kept whole."""
-        after = buf.remaining(rows) - draft.lengths
-        bet = (after > 0) & ~draft.finished_eos
-        if not bet.any():
-            return None
-        group, lengths = rows[bet], draft.lengths[bet]
-        budgets = np.minimum(after[bet], next_draft_lengths(lengths, max_draft) if adaptive else max_draft)
-        prefixes = [prefix + draft.tokens[i, :n].tolist()
-                    for prefix, i, n in zip(buf.prefixes(group), np.flatnonzero(bet), lengths)]
-        pending = ro.student.generate(prefixes, budgets.tolist(), k, ro.cfg.student_temperature,
-                                      seeds=_seeds(seed, row_ids[group], buf.length[group] + lengths),
-                                      keys=row_ids[group].tolist(), sessions=ro.cfg.sessions)
-        buf.student_calls[group] += 1
-        ro.timings["ahead_rows_sent"] += group.size
-        ahead = _Call(pending, "ahead", STUDENT, group)
-        calls.append(ahead)
-        return ahead
-
-    def rows_to_draft_again(call: _Call, kept: np.ndarray) -> np.ndarray:
-        """After ``call``'s drafted tokens are settled (``kept`` per row), its live rows, less
-        those whose draft ahead holds (the draft was kept whole): they wait for it instead. A
-        draft ahead no row needs is dropped; its engine finishes it for nothing."""
-        live = ~buf.done[call.rows]
-        ahead = call.ahead
-        if ahead is None:
-            return call.rows[live]
-        ahead.won = np.isin(ahead.rows, call.rows[live & (kept == call.draft.lengths)])
-        ro.timings["ahead_rows_kept"] += int(ahead.won.sum())
-        if not ahead.won.any():
-            calls.remove(ahead)
-            dropped.append(ahead.pending)
-        return call.rows[live & ~np.isin(call.rows, ahead.rows[ahead.won])]
+        calls.append(_Call(pending, "verify", call.pen, rows, draft))
 
     # Rows that finished a hand-over wait here and draft together: a call per small group would
     # pay the per-call overhead of both engines many times over (rows drift apart quickly when
     # the pen changes hands every few tokens). They go out once `regroup_fraction` of the live
     # rows are waiting, or when nothing else is in flight.
     waiting = np.flatnonzero(~buf.done)
-    # A draft ahead is read once its base draft is verified: only then is it known to hold.
-    answered = lambda c: c.pending.ready() and (c.phase != "ahead" or c.won is not None)
     while waiting.size or calls:
         live = int((~buf.done).sum())
         if waiting.size and (not calls or waiting.size >= ro.cfg.regroup_fraction * live):
             send_drafts(waiting)
             waiting = waiting[:0]
-        if not any(answered(c) for c in calls):
-            wait_any([c.pending for c in calls if not c.pending.ready()])
-        for call in [c for c in calls if answered(c)]:
+        if not any(c.pending.ready() for c in calls):
+            wait_any([c.pending for c in calls])
+        for call in [c for c in calls if c.pending.ready()]:
             calls.remove(call)
             result = call.pending.result()
-            raise_errors(result, ("student" if (call.pen == STUDENT) == (call.phase != "verify") else "teacher") + " request")
-            if (call.pen == STUDENT) == (call.phase != "verify"):
+            raise_errors(result, ("student" if (call.pen == STUDENT) == (call.phase == "draft") else "teacher") + " request")
+            if (call.pen == STUDENT) == (call.phase == "draft"):
                 _check_version(result, policy_version)
-            if call.phase == "ahead":
-                send_verify(replace(call, rows=call.rows[call.won]), _rows_of(result, call.won))
-                continue
             if call.phase == "draft":
                 if call.pen == STUDENT or teacher_hands_back(ro.policy):
                     send_verify(call, result)
                     continue
                 _accept_teacher_draft(ro, buf, call.rows, result)
-                kept = result.lengths
             elif call.pen == STUDENT:
                 kept = _cut_student_draft(ro, buf, state, call.rows, call.draft, result.topk, seed, row_ids[call.rows])
             else:
                 kept = _cut_teacher_draft(ro, buf, state, call.rows, call.draft, result.topk)
             if call.phase == "verify" and adaptive:
                 draft_length[call.rows] = next_draft_lengths(kept, max_draft)
-            waiting = np.concatenate([waiting, rows_to_draft_again(call, kept)])
-    # A dropped draft ahead keeps its row's session when it ends: let it end before the
-    # rollout ends the sessions.
-    while dropped := [p for p in dropped if not p.ready()]:
-        wait_any(dropped)
+            waiting = np.concatenate([waiting, call.rows[~buf.done[call.rows]]])
 
 
 def next_draft_lengths(kept: np.ndarray, cap: int, shortest: int = 4) -> np.ndarray:
@@ -374,13 +320,6 @@ def _write_references(ro: Rollout, buf: RolloutBuffer, references, state: Policy
               np.full((rows.size, width), np.nan), ro.eos_token_id)
     buf.done[rows] = True  # a reference is complete even without EOS
     buf.teacher_calls[rows] += 1
-
-
-def _rows_of(result, rows: np.ndarray):
-    """The answer of a generate call for ``rows`` (a mask over its rows) only."""
-    return replace(result, tokens=result.tokens[rows], lengths=result.lengths[rows],
-                   finished_eos=result.finished_eos[rows], topk=result.topk[rows],
-                   errors=[e for e, keep in zip(result.errors, rows) if keep])
 
 
 def _check_version(student_result, policy_version: int) -> None:
