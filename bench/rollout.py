@@ -20,7 +20,8 @@ to the cap; sessions=true: rows keep their requests in the engines between calls
 strategy=lockstep,sessions=true: lockstep so). With --engines block_size=32 ..., also lockstep and draft-verify on one more engine
 pair per argument, with those services.* fields changed (comma-separated), and its speed-up over
 the config's engines (concurrent_calls=1: engines that serve one call at a time, as services ran
-before calls shared the running batch). vLLM's prefix cache reuses whole KV blocks only (128
+before calls shared the running batch). With --async, the same on a pair served by vLLM's AsyncLLM
+in async actors (services/async_model_service.py; no sessions). vLLM's prefix cache reuses whole KV blocks only (128
 tokens on its CPU build), and every draft and verify call sends its row's whole prefix again.
 With --exact, SWITCH and AdaSwitch also run with rollout.divergence=exact (both engines return the
 whole vocabulary and the rules decide on exact divergences) next to the config's mode, on the same
@@ -63,6 +64,9 @@ def main() -> None:
     parser.add_argument("--engines", nargs="*", default=[], metavar="FIELD=VALUE[,FIELD=VALUE]",
                         help="also lockstep and draft-verify on one more engine pair per argument, with these "
                              "services.* fields changed (e.g. block_size=32 or score_reads_prefix_cache=false)")
+    parser.add_argument("--async", dest="async_engines", action="store_true",
+                        help="also lockstep and draft-verify on one more engine pair served by vLLM's AsyncLLM in "
+                             "async actors (services/async_model_service.py), without sessions")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -74,6 +78,7 @@ def main() -> None:
     from orchestrator.launcher import connect_ray, start_service
     from orchestrator.models import check_pair
     from orchestrator.rollout import Rollout, run_rollout
+    from services.async_model_service import AsyncModelService
     from services.model_service import raise_errors
 
     # With --exact the engines start able to return the whole vocabulary (max_logprobs -1).
@@ -99,6 +104,10 @@ def main() -> None:
         variants[variant] = tuple(start_service(f"{role}-variant{n}", getattr(cfg.models, role),
                                                 replace(getattr(engine_cfg.services, role), num_cpus=0), eos, cfg.seed)
                                   for role in ("teacher", "student"))
+    if args.async_engines:
+        variants["AsyncLLM in async actors"] = tuple(
+            start_service(f"{role}-async", getattr(cfg.models, role), replace(getattr(cfg.services, role), num_cpus=0),
+                          eos, cfg.seed, actor_class=AsyncModelService) for role in ("teacher", "student"))
     max_model_len = min(cfg.services.teacher.max_model_len, cfg.services.student.max_model_len)
     k, rows = cfg.rollout.top_k, np.arange(len(prompts))
     print(f"{len(prompts)} prompts x {args.new_tokens} new tokens, k={k}, "

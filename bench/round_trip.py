@@ -22,7 +22,9 @@ goal is a batch-1 round trip within 2x of it. The actor stamps its times (``Call
 clock, and caller and actors share one machine, so the parts add up to the round trip. Then the
 queueing behind a long call: a one-row score sent to the student engine while a 32-row draft of
 ``--draft-tokens`` runs there, on the replica the config makes (calls share its running batch)
-and, side by side, on one that serves one call at a time (``concurrent_calls=1``). Each figure is the median
+and, side by side, on one that serves one call at a time (``concurrent_calls=1``). With --async,
+the same rows and the queueing for each engine served by vLLM's AsyncLLM in an async actor
+(services/async_model_service.py; its "engine" part is the time its requests were awaited). Each figure is the median
 over ``--repeats`` calls after one warm-up. Figures only: nothing here asserts a time.
 """
 from __future__ import annotations
@@ -110,6 +112,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--score-tokens", type=int, default=8, help="response positions a short score reads")
     parser.add_argument("--draft-tokens", type=int, default=128, help="the long draft a one-row score waits behind")
+    parser.add_argument("--async", dest="async_engines", action="store_true",
+                        help="also each engine served by vLLM's AsyncLLM in an async actor (services/async_model_service.py)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -120,6 +124,7 @@ def main() -> None:
     from orchestrator.data import load_split
     from orchestrator.launcher import connect_ray, start_service
     from orchestrator.models import check_pair
+    from services.async_model_service import AsyncModelService
     from services.model_service import raise_errors
 
     cfg = load_config(args.config, [*args.overrides, "services.teacher.replicas=1", "services.student.replicas=1",
@@ -133,6 +138,12 @@ def main() -> None:
     eos, k = tokenizer.eos_token_id, cfg.rollout.top_k
     engines = {"teacher": start_service("teacher", cfg.models.teacher, cfg.services.teacher, eos, cfg.seed),
                "student": start_service("student", cfg.models.student, cfg.services.student, eos, cfg.seed)}
+    if args.async_engines:  # the same engines, served by AsyncLLM in async actors (no sessions there)
+        for role in ("teacher", "student"):
+            # num_cpus=0: Ray's logical CPUs are sized for the config's engines (all share the same cores)
+            engines[f"{role}, AsyncLLM"] = start_service(f"{role}-async", getattr(cfg.models, role),
+                                                         replace(getattr(cfg.services, role), num_cpus=0), eos,
+                                                         cfg.seed, actor_class=AsyncModelService)
     # What a short score reads: each prompt and --score-tokens the student wrote after it.
     drafted = engines["student"].generate(prompts, args.score_tokens, k, 0.0).result()
     raise_errors(drafted)
@@ -147,8 +158,9 @@ def main() -> None:
         for batch in args.batches:
             split = measure(lambda: pool.generate(prompts[:batch], 1, k, 0.0), args.repeats)
             print(row(name, "generate 1 token", batch, split), flush=True)
-            split = measure(session_step(pool, prompts[:batch], k, name), args.repeats)
-            print(row(name, "generate 1 token, session", batch, split), flush=True)
+            if "AsyncLLM" not in name:
+                split = measure(session_step(pool, prompts[:batch], k, name), args.repeats)
+                print(row(name, "generate 1 token, session", batch, split), flush=True)
             split = measure(lambda: pool.score(sequences[:batch], starts[:batch], k), args.repeats)
             print(row(name, f"score {args.score_tokens} positions", batch, split), flush=True)
 
@@ -159,7 +171,10 @@ def main() -> None:
                            replace(cfg.services.student, concurrent_calls=1), eos, cfg.seed)
     serial.score(sequences[:1], starts[:1], k).result()  # warm-up
     print()
-    for label, student in (("shared batch", engines["student"]), ("one call at a time", serial)):
+    students = [("shared batch", engines["student"]), ("one call at a time", serial)]
+    if args.async_engines:
+        students.append(("AsyncLLM", engines["student, AsyncLLM"]))
+    for label, student in students:
         alone = measure(lambda: student.score(sequences[:1], starts[:1], k), args.repeats)
         behind = []
         for _ in range(args.repeats):

@@ -129,7 +129,8 @@ def local_cpus(cfg: RunConfig) -> int:
 
 
 def start_service(name: str, model: str, engine: EngineConfig, eos_token_id: int, seed: int = 0,
-                  weights_dir: str | None = None, wait: bool = True, wait_s: float = 600.0) -> ServicePool:
+                  weights_dir: str | None = None, wait: bool = True, wait_s: float = 600.0,
+                  actor_class: type = ModelService) -> ServicePool:
     """``engine.replicas`` ModelService actors for ``model`` behind one pool, serving once returned.
 
     ``wait=False`` returns at once, the engines loading in the background: the caller starts
@@ -138,9 +139,10 @@ def start_service(name: str, model: str, engine: EngineConfig, eos_token_id: int
     (``engine.max_restarts``), on another node if its own was lost, waiting up to ``wait_s``
     (ray.node_wait_s) for room; with ``weights_dir`` each replica keeps its latest loaded weights
     there and comes back with them, and one back where that directory is not (no shared storage)
-    gets them from the pool's copy in the object store.
+    gets them from the pool's copy in the object store. ``actor_class``: what serves the calls
+    (benchmarks compare services.async_model_service.AsyncModelService).
     """
-    actor_cls = ray.remote(ModelService)
+    actor_cls = ray.remote(actor_class)
     # An engine split over GPUs gets a placement group per replica, its GPUs on one node.
     groups = [reserve(engine_bundles(engine), "STRICT_PACK", f"{name} replica {i}", wait_s)
               if engine.splits_over_gpus else None for i in range(engine.replicas)]

@@ -174,26 +174,15 @@ class ModelService:
 
     def score(self, sequences: list[list[int]], response_starts: list[int], k: int) -> ScoreResult:
         """The model's top-k at positions ``response_starts[i]:`` of each sequence, in one prefill."""
-        from vllm import SamplingParams
-
         times = CallTimes(received_at=time.time())
-        errors = [self._check_sequence(seq, k, extra_tokens=1) for seq in sequences]
-        for i, (seq, start) in enumerate(zip(sequences, response_starts)):
-            if errors[i] is None and not 1 <= start <= len(seq):
-                errors[i] = f"response_start {start} must be in [1, {len(seq)}] (the first token has no logprob)"
+        errors = score_errors(sequences, response_starts, lambda seq: self._check_sequence(seq, k, extra_tokens=1))
         kk = min(k, self.vocab_size)
-        # max_tokens=1: vLLM needs one step to return; only the prompt's logprobs are read.
-        # vLLM skips the prefix cache for prompt logprobs unless told otherwise, and then prefills
-        # every verify from the first prompt token. Read it: prompt logprobs are filled from the
-        # first uncached position on, and a verify needs them from its response start only.
-        scoring = lambda read_cache: SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=kk, flat_logprobs=True,
-                                                    detokenize=False, skip_reading_prefix_cache=not read_cache)
-        params = scoring(read_cache=self.score_reads_prefix_cache)
+        params = score_params(kk, read_cache=self.score_reads_prefix_cache)
         outputs, version = self._run({i: (sequences[i], params) for i in range(len(sequences)) if errors[i] is None},
                                      times)
         # A row whose cache hit reaches into its response (the same tokens scored before) has no
         # logprobs there: score it again without the cache.
-        cached_too_far = {i: (sequences[i], scoring(read_cache=False))
+        cached_too_far = {i: (sequences[i], score_params(kk, read_cache=False))
                           for i, out in outputs.items() if (out.num_cached_tokens or 0) > response_starts[i] - 1}
         if cached_too_far:
             again, again_version = self._run(cached_too_far, times)
@@ -201,11 +190,7 @@ class ModelService:
             version = min(version, again_version)  # a load in between: the older version, which a rollout refuses
 
         convert_started = time.perf_counter()
-        length = max([len(s) - r for s, r, e in zip(sequences, response_starts, errors) if e is None] or [0])
-        topk = TopK.empty((len(sequences), length), k)
-        for i, out in outputs.items():
-            ids, logprobs = flat_to_arrays(out.prompt_logprobs, response_starts[i], kk)
-            fill_topk(topk, i, ids, logprobs)
+        topk = score_arrays(outputs, sequences, response_starts, errors, k, kk)
         times.convert_seconds = time.perf_counter() - convert_started
         times.answered_at = time.time()
         return ScoreResult(topk, version, errors, times)
@@ -230,48 +215,20 @@ class ModelService:
         per row; the row's request stays in the engine after the call, and its next call under
         the same key sends only what its prefix adds (module docstring).
         """
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
-
         times = CallTimes(received_at=time.time())
         n = len(prefixes)
         budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
         errors = [self._check_sequence(p, k, extra_tokens=b) for p, b in zip(prefixes, budgets)]
         kk = min(k, self.vocab_size)
-        requests = {}
-        for i in range(n):
-            if errors[i] is None:
-                params = SamplingParams(
-                    max_tokens=budgets[i],
-                    temperature=temperature,
-                    top_k=top_k if top_k > 0 else -1,
-                    logprobs=kk,
-                    flat_logprobs=True,
-                    detokenize=False,
-                    stop_token_ids=[] if ignore_eos else [self.eos_token_id],
-                    ignore_eos=ignore_eos,
-                    seed=None if seeds is None else int(seeds[i]),
-                    # A session's outputs grow over its calls: `first` below says where this call's begin.
-                    output_kind=RequestOutputKind.CUMULATIVE,
-                )
-                requests[i] = (prefixes[i], params)
+        requests = {i: (prefixes[i], generate_params(budgets[i], kk, temperature, top_k, None if seeds is None else seeds[i],
+                                                     ignore_eos, self.eos_token_id))
+                    for i in range(n) if errors[i] is None}
         sessions = {} if session_keys is None else {i: session_keys[i] for i in requests}
         first: dict[int, int] = {}  # per session row, its outputs before this call
         outputs, version = self._run(requests, times, sessions, first)
 
         convert_started = time.perf_counter()
-        lengths = np.zeros(n, dtype=np.int64)
-        for i, out in outputs.items():
-            lengths[i] = len(out.outputs[0].token_ids) - first.get(i, 0)
-        tokens = np.full((n, int(lengths.max(initial=0))), PAD_ID, dtype=np.int64)
-        topk = TopK.empty(tokens.shape, k)
-        finished_eos = np.zeros(n, dtype=bool)
-        for i, out in outputs.items():
-            completion = out.outputs[0]
-            tokens[i, : lengths[i]] = completion.token_ids[first.get(i, 0):]
-            finished_eos[i] = lengths[i] > 0 and completion.token_ids[-1] == self.eos_token_id
-            ids, logprobs = flat_to_arrays(completion.logprobs, first.get(i, 0), kk)
-            fill_topk(topk, i, ids, logprobs)
+        tokens, lengths, finished_eos, topk = generate_arrays(outputs, n, first, k, kk, self.eos_token_id)
         times.convert_seconds = time.perf_counter() - convert_started
         times.answered_at = time.time()
         return GenerateResult(tokens, lengths, finished_eos, topk, version, errors, times)
@@ -381,17 +338,7 @@ class ModelService:
     # -- internals -------------------------------------------------------------------------------
 
     def _check_sequence(self, tokens, k: int, extra_tokens: int) -> str | None:
-        if len(tokens) == 0:
-            return "empty sequence"
-        if len(tokens) + extra_tokens > self.max_model_len:
-            return (f"{len(tokens)} tokens + {extra_tokens} to generate exceed "
-                    f"max_model_len {self.max_model_len}")
-        ids = np.asarray(tokens)
-        if ids.min() < 0 or ids.max() >= self.vocab_size:
-            return f"token ids must be in [0, {self.vocab_size}), got {ids.min()}..{ids.max()}"
-        if k > self.max_logprobs != -1:  # -1: vLLM serves the whole vocabulary
-            return f"k={k} is above this engine's max_logprobs={self.max_logprobs}"
-        return None
+        return check_sequence(tokens, k, extra_tokens, self.max_model_len, self.vocab_size, self.max_logprobs)
 
     def _run(self, requests: dict, times: CallTimes, sessions: dict | None = None,
              first: dict | None = None) -> tuple[dict, int]:
@@ -567,12 +514,97 @@ class ModelService:
             return True
 
 
-def _make_engine(model: str, cfg: EngineConfig, seed: int):
+def check_sequence(tokens, k: int, extra_tokens: int, max_model_len: int, vocab_size: int,
+                   max_logprobs: int) -> str | None:
+    """What is wrong with one request (None: nothing), in words that name the limit."""
+    if len(tokens) == 0:
+        return "empty sequence"
+    if len(tokens) + extra_tokens > max_model_len:
+        return f"{len(tokens)} tokens + {extra_tokens} to generate exceed max_model_len {max_model_len}"
+    ids = np.asarray(tokens)
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        return f"token ids must be in [0, {vocab_size}), got {ids.min()}..{ids.max()}"
+    if k > max_logprobs != -1:  # -1: vLLM serves the whole vocabulary
+        return f"k={k} is above this engine's max_logprobs={max_logprobs}"
+    return None
+
+
+def score_errors(sequences, response_starts, check) -> list[str | None]:
+    """Per sequence, ``check(sequence)`` or what is wrong with its response start (None: nothing)."""
+    errors = [check(seq) for seq in sequences]
+    for i, (seq, start) in enumerate(zip(sequences, response_starts)):
+        if errors[i] is None and not 1 <= start <= len(seq):
+            errors[i] = f"response_start {start} must be in [1, {len(seq)}] (the first token has no logprob)"
+    return errors
+
+
+def score_params(kk: int, read_cache: bool):
+    """A scoring request: the prompt's top-``kk`` logprobs. max_tokens=1: vLLM needs one step to
+    return; only the prompt's logprobs are read. vLLM skips the prefix cache for prompt logprobs
+    unless told otherwise, and then prefills every verify from the first prompt token; reading it,
+    prompt logprobs are filled from the first uncached position on, and a verify needs them from
+    its response start only."""
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=kk, flat_logprobs=True, detokenize=False,
+                          skip_reading_prefix_cache=not read_cache)
+
+
+def generate_params(budget: int, kk: int, temperature: float, top_k: int, seed: int | None, ignore_eos: bool,
+                    eos_token_id: int):
+    """One row's decoding request: ``budget`` tokens, each with its top-``kk``."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        max_tokens=budget,
+        temperature=temperature,
+        top_k=top_k if top_k > 0 else -1,
+        logprobs=kk,
+        flat_logprobs=True,
+        detokenize=False,
+        stop_token_ids=[] if ignore_eos else [eos_token_id],
+        ignore_eos=ignore_eos,
+        seed=None if seed is None else int(seed),
+        # A session's outputs grow over its calls: `first` (generate_arrays) says where this call's begin.
+        output_kind=RequestOutputKind.CUMULATIVE,
+    )
+
+
+def score_arrays(outputs: dict, sequences, response_starts, errors, k: int, kk: int) -> TopK:
+    """vLLM's scoring outputs (by row index) as one padded TopK over the response positions."""
+    length = max([len(s) - r for s, r, e in zip(sequences, response_starts, errors) if e is None] or [0])
+    topk = TopK.empty((len(sequences), length), k)
+    for i, out in outputs.items():
+        ids, logprobs = flat_to_arrays(out.prompt_logprobs, response_starts[i], kk)
+        fill_topk(topk, i, ids, logprobs)
+    return topk
+
+
+def generate_arrays(outputs: dict, n: int, first: dict, k: int, kk: int, eos_token_id: int):
+    """vLLM's decoding outputs (by row index) as padded tokens, lengths, ended-with-EOS flags and
+    TopK; ``first``: per session row, the outputs its request returned before this call."""
+    lengths = np.zeros(n, dtype=np.int64)
+    for i, out in outputs.items():
+        lengths[i] = len(out.outputs[0].token_ids) - first.get(i, 0)
+    tokens = np.full((n, int(lengths.max(initial=0))), PAD_ID, dtype=np.int64)
+    topk = TopK.empty(tokens.shape, k)
+    finished_eos = np.zeros(n, dtype=bool)
+    for i, out in outputs.items():
+        completion = out.outputs[0]
+        tokens[i, : lengths[i]] = completion.token_ids[first.get(i, 0):]
+        finished_eos[i] = lengths[i] > 0 and completion.token_ids[-1] == eos_token_id
+        ids, logprobs = flat_to_arrays(completion.logprobs, first.get(i, 0), kk)
+        fill_topk(topk, i, ids, logprobs)
+    return tokens, lengths, finished_eos, topk
+
+
+def engine_args(model: str, cfg: EngineConfig, seed: int, args_class=None):
+    """vLLM's engine arguments for ``cfg`` (``args_class``: EngineArgs, or AsyncEngineArgs)."""
     from vllm import EngineArgs
-    from vllm.v1.engine.llm_engine import LLMEngine
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_gb))
-    args = EngineArgs(
+    return (args_class or EngineArgs)(
         model=model,
         skip_tokenizer_init=True,
         dtype=cfg.dtype,
@@ -591,4 +623,9 @@ def _make_engine(model: str, cfg: EngineConfig, seed: int):
         **({"distributed_executor_backend": "ray"} if cfg.splits_over_gpus else {})
         | cfg.extra,
     )
-    return LLMEngine.from_engine_args(args, stat_loggers=vllm_stat_loggers(cfg.export_engine_metrics))
+
+
+def _make_engine(model: str, cfg: EngineConfig, seed: int):
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    return LLMEngine.from_engine_args(engine_args(model, cfg, seed), stat_loggers=vllm_stat_loggers(cfg.export_engine_metrics))

@@ -230,6 +230,36 @@ def test_a_verify_reads_the_prefix_cache_and_stays_exact(ray_cluster, cpu_engine
             ray_cluster.kill(actor)
 
 
+def test_the_asyncllm_variant_answers_as_the_service(ray_cluster, cpu_engine, student_pool, models):
+    """bench/round_trip.py and bench/rollout.py --async time the same engine served by vLLM's
+    AsyncLLM in an async actor: calls in flight together give ModelService's answers there, and
+    what it leaves out (sessions) is refused by name."""
+    from dataclasses import replace
+
+    from orchestrator.launcher import start_service
+    from services.async_model_service import AsyncModelService
+
+    variant = start_service("student-async", str(models["dir"] / "student"), replace(cpu_engine, num_cpus=0),
+                            models["eos"], actor_class=AsyncModelService)
+    try:
+        prompts, sequences = models["prompts"], models["sequences"]
+        starts = [len(p) for p in prompts]
+        drafts = [pool.generate(prompts, 24, K, temperature=0.0) for pool in (variant, student_pool)]
+        scores = [pool.score(sequences, starts, K) for pool in (variant, student_pool)]  # beside the drafts
+        (draft, expected_draft), (score, expected_score) = [[p.result() for p in pair] for pair in (drafts, scores)]
+        for got, expected in ((draft, expected_draft), (score, expected_score)):
+            raise_errors(got)
+            np.testing.assert_array_equal(got.topk.mask, expected.topk.mask)
+            np.testing.assert_allclose(got.topk.logprobs, expected.topk.logprobs, atol=1e-4)
+        np.testing.assert_array_equal(draft.tokens, expected_draft.tokens)
+        np.testing.assert_array_equal(draft.finished_eos, expected_draft.finished_eos)
+        with pytest.raises(Exception, match="keeps no sessions"):
+            variant.generate(prompts[:1], 1, K, temperature=0.0, keys=["a"], sessions=True).result()
+    finally:
+        for actor in variant.actors:
+            ray_cluster.kill(actor)
+
+
 def test_two_replicas_spread_requests_and_match_one_replica(teacher_pool, models):
     import ray
 
