@@ -9,8 +9,10 @@ asyncio task, and each request is awaited on its own. The requests, their sampli
 and the conversion to ``TopK`` are ModelService's own functions, so the two differ only in who
 collects vLLM's outputs and how calls wait for them.
 
-What it leaves out (a benchmark needs none of them): sessions, weight loads, the waves that keep
-seeded prompts unchunked on vLLM's CPU build. A call that asks for them is refused.
+What it leaves out (a benchmark needs none of them): sessions and kept weights, which it refuses
+(a call with session keys, a start with ``weights_dir``); weight loads, which it has no method
+for; and the waves that keep seeded prompts unchunked on vLLM's CPU build, so a seeded call there
+is not kept from the failure those waves avoid (``ModelService._waves``).
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ import time
 from services.config import EngineConfig
 from services.metrics import vllm_stat_loggers
 from services.model_service import (CallTimes, GenerateResult, ScoreResult, check_sequence, engine_args,
-                                    generate_arrays, generate_params, score_arrays, score_errors, score_params)
+                                    generate_arrays, generate_requests, rows_to_score_again, score_arrays,
+                                    score_errors, score_params)
 from services.process_guard import guard_children
 
 
@@ -59,8 +62,7 @@ class AsyncModelService:
         params = score_params(kk, read_cache=self.score_reads_prefix_cache)
         outputs = await self._run({i: (sequences[i], params) for i in range(len(sequences)) if errors[i] is None},
                                   times)
-        cached_too_far = {i: (sequences[i], score_params(kk, read_cache=False))
-                          for i, out in outputs.items() if (out.num_cached_tokens or 0) > response_starts[i] - 1}
+        cached_too_far = rows_to_score_again(outputs, sequences, response_starts, kk)
         if cached_too_far:
             outputs.update(await self._run(cached_too_far, times))
         convert_started = time.perf_counter()
@@ -77,16 +79,11 @@ class AsyncModelService:
             raise ValueError("AsyncModelService keeps no sessions (a benchmark variant)")
         times = CallTimes(received_at=time.time())
         n = len(prefixes)
-        budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        errors = [self._check(p, k, extra_tokens=b) for p, b in zip(prefixes, budgets)]
         kk = min(k, self.vocab_size)
-        requests = {}
-        for i in range(n):
-            if errors[i] is None:
-                params = generate_params(budgets[i], kk, temperature, top_k, None if seeds is None else seeds[i],
-                                         ignore_eos, self.eos_token_id)
-                params.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, at its end
-                requests[i] = (prefixes[i], params)
+        requests, errors = generate_requests(prefixes, max_new_tokens, kk, temperature, top_k, seeds, ignore_eos,
+                                             self.eos_token_id, lambda p, b: self._check(p, k, extra_tokens=b))
+        for _, params in requests.values():
+            params.output_kind = RequestOutputKind.FINAL_ONLY  # one output per request, at its end (no sessions)
         outputs = await self._run(requests, times)
         convert_started = time.perf_counter()
         tokens, lengths, finished_eos, topk = generate_arrays(outputs, n, {}, k, kk, self.eos_token_id)

@@ -180,10 +180,7 @@ class ModelService:
         params = score_params(kk, read_cache=self.score_reads_prefix_cache)
         outputs, version = self._run({i: (sequences[i], params) for i in range(len(sequences)) if errors[i] is None},
                                      times)
-        # A row whose cache hit reaches into its response (the same tokens scored before) has no
-        # logprobs there: score it again without the cache.
-        cached_too_far = {i: (sequences[i], score_params(kk, read_cache=False))
-                          for i, out in outputs.items() if (out.num_cached_tokens or 0) > response_starts[i] - 1}
+        cached_too_far = rows_to_score_again(outputs, sequences, response_starts, kk)
         if cached_too_far:
             again, again_version = self._run(cached_too_far, times)
             outputs.update(again)
@@ -217,12 +214,9 @@ class ModelService:
         """
         times = CallTimes(received_at=time.time())
         n = len(prefixes)
-        budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        errors = [self._check_sequence(p, k, extra_tokens=b) for p, b in zip(prefixes, budgets)]
         kk = min(k, self.vocab_size)
-        requests = {i: (prefixes[i], generate_params(budgets[i], kk, temperature, top_k, None if seeds is None else seeds[i],
-                                                     ignore_eos, self.eos_token_id))
-                    for i in range(n) if errors[i] is None}
+        requests, errors = generate_requests(prefixes, max_new_tokens, kk, temperature, top_k, seeds, ignore_eos,
+                                             self.eos_token_id, lambda p, b: self._check_sequence(p, k, extra_tokens=b))
         sessions = {} if session_keys is None else {i: session_keys[i] for i in requests}
         first: dict[int, int] = {}  # per session row, its outputs before this call
         outputs, version = self._run(requests, times, sessions, first)
@@ -548,6 +542,27 @@ def score_params(kk: int, read_cache: bool):
 
     return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=kk, flat_logprobs=True, detokenize=False,
                           skip_reading_prefix_cache=not read_cache)
+
+
+def rows_to_score_again(outputs: dict, sequences, response_starts, kk: int) -> dict:
+    """The scoring requests, by index, of the rows whose prefix-cache hit reached into their
+    response (the same tokens scored before): vLLM has no logprobs there, so they are scored again
+    without the cache."""
+    return {i: (sequences[i], score_params(kk, read_cache=False))
+            for i, out in outputs.items() if (out.num_cached_tokens or 0) > response_starts[i] - 1}
+
+
+def generate_requests(prefixes, max_new_tokens: int | list[int], kk: int, temperature: float, top_k: int, seeds,
+                      ignore_eos: bool, eos_token_id: int, check) -> tuple[dict, list[str | None]]:
+    """Each row's decoding request (prefix, parameters) by index, and per row what is wrong with it
+    (``check(prefix, budget)``; rows with an error get no request)."""
+    n = len(prefixes)
+    budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    errors = [check(p, b) for p, b in zip(prefixes, budgets)]
+    requests = {i: (prefixes[i], generate_params(budgets[i], kk, temperature, top_k, None if seeds is None else seeds[i],
+                                                 ignore_eos, eos_token_id))
+                for i in range(n) if errors[i] is None}
+    return requests, errors
 
 
 def generate_params(budget: int, kk: int, temperature: float, top_k: int, seed: int | None, ignore_eos: bool,
