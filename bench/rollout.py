@@ -21,7 +21,8 @@ strategy=lockstep,sessions=true: lockstep so). With --engines block_size=32 ...,
 pair per argument, with those services.* fields changed (comma-separated), and its speed-up over
 the config's engines (concurrent_calls=1: engines that serve one call at a time, as services ran
 before calls shared the running batch). With --async, the same on a pair served by vLLM's AsyncLLM
-in async actors (services/async_model_service.py; no sessions). vLLM's prefix cache reuses whole KV blocks only (128
+in async actors (services/async_model_service.py). Each --rollout variant runs on every extra
+engine pair too. vLLM's prefix cache reuses whole KV blocks only (128
 tokens on its CPU build), and every draft and verify call sends its row's whole prefix again.
 With --exact, SWITCH and AdaSwitch also run with rollout.divergence=exact (both engines return the
 whole vocabulary and the rules decide on exact divergences) next to the config's mode, on the same
@@ -65,8 +66,8 @@ def main() -> None:
                         help="also lockstep and draft-verify on one more engine pair per argument, with these "
                              "services.* fields changed (e.g. block_size=32 or score_reads_prefix_cache=false)")
     parser.add_argument("--async", dest="async_engines", action="store_true",
-                        help="also lockstep and draft-verify on one more engine pair served by vLLM's AsyncLLM in "
-                             "async actors (services/async_model_service.py), without sessions")
+                        help="also lockstep and draft-verify (and each --rollout variant) on one more engine pair served "
+                             "by vLLM's AsyncLLM in async actors (services/async_model_service.py)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -167,6 +168,11 @@ def main() -> None:
                 ro = Rollout(cfg_run.policy, replace(cfg_run.rollout, strategy=strategy), *pair, eos, max_model_len,
                              teacher.vocab_size)
                 results[f"{variant} {strategy}"] = fastest(ro, 1 if strategy == "lockstep" else args.repeats)
+            for rollout_variant in args.rollout:
+                cfg_variant = load_config(args.config, [*run_overrides, "rollout.strategy=draft_verify",
+                                                        *(f"rollout.{change}" for change in rollout_variant.split(","))])
+                ro = Rollout(cfg_variant.policy, cfg_variant.rollout, *pair, eos, max_model_len, teacher.vocab_size)
+                results[f"{variant} rollout {rollout_variant}"] = fastest(ro)
         dv_batch, dv_s, dv_cpu = results["draft_verify"]
         _, lock_s, lock_cpu = results["lockstep"]
         s = dv_batch.stats
@@ -193,6 +199,11 @@ def main() -> None:
             print(f"  engines with {variant}: lockstep {variant_lock_s:8.2f}s ({lock_s / variant_lock_s:.2f}x faster than "
                   f"the config's), draft-verify {variant_dv_s:8.2f}s ({dv_s / variant_dv_s:.2f}x faster; "
                   f"{variant_dv_s / own_floor:.3f} of the policy floor)")
+            for rollout_variant in args.rollout:
+                _, seconds, _ = results[f"{variant} rollout {rollout_variant}"]
+                _, config_s, _ = results[f"rollout {rollout_variant}"]
+                print(f"    with {rollout_variant}: {seconds:8.2f}s ({config_s / seconds:.2f}x faster than on the "
+                      f"config's engines; {seconds / own_floor:.3f} of the policy floor)")
         last_batch, last_rollout_s = dv_batch, dv_s
     if args.learner:
         learner_figures(cfg, student, last_batch, last_rollout_s)

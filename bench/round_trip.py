@@ -138,7 +138,7 @@ def main() -> None:
     eos, k = tokenizer.eos_token_id, cfg.rollout.top_k
     engines = {"teacher": start_service("teacher", cfg.models.teacher, cfg.services.teacher, eos, cfg.seed),
                "student": start_service("student", cfg.models.student, cfg.services.student, eos, cfg.seed)}
-    if args.async_engines:  # the same engines, served by AsyncLLM in async actors (no sessions there)
+    if args.async_engines:  # the same engines, served by AsyncLLM in async actors
         for role in ("teacher", "student"):
             # num_cpus=0: Ray's logical CPUs are sized for the config's engines (all share the same cores)
             engines[f"{role}, AsyncLLM"] = start_service(f"{role}-async", getattr(cfg.models, role),
@@ -158,9 +158,8 @@ def main() -> None:
         for batch in args.batches:
             split = measure(lambda: pool.generate(prompts[:batch], 1, k, 0.0), args.repeats)
             print(row(name, "generate 1 token", batch, split), flush=True)
-            if "AsyncLLM" not in name:
-                split = measure(session_step(pool, prompts[:batch], k, name), args.repeats)
-                print(row(name, "generate 1 token, session", batch, split), flush=True)
+            split = measure(session_step(pool, prompts[:batch], k, name), args.repeats)
+            print(row(name, "generate 1 token, session", batch, split), flush=True)
             split = measure(lambda: pool.score(sequences[:batch], starts[:batch], k), args.repeats)
             print(row(name, f"score {args.score_tokens} positions", batch, split), flush=True)
 

@@ -86,6 +86,22 @@ def test_load_weights_changes_output_and_restores_it_exactly(student_pool, model
         ray.get(student_pool.actors[0].load_weights.remote(pack_state(original), 1))
 
 
+def lockstep_turns_match_fresh_calls(pool, reference, prefixes, keys, steps: int, after_turn=lambda: None):
+    """``steps`` lockstep turns with sessions on ``pool``, growing ``prefixes`` in place: each answer
+    is ``reference``'s to the same prefixes without a session, each turn after the first sends one
+    token per row, and odd turns then write a token the model did not pick (a hand-over)."""
+    for step in range(steps):
+        turn = pool.generate(prefixes, 1, K, temperature=0.0, keys=keys, sessions=True).result()
+        fresh = reference.generate(prefixes, 1, K, temperature=0.0).result()
+        raise_errors(turn)
+        np.testing.assert_array_equal(turn.tokens, fresh.tokens)
+        np.testing.assert_allclose(turn.topk.logprobs, fresh.topk.logprobs, atol=1e-4)
+        assert turn.times.prompt_tokens == (len(prefixes) if step else sum(map(len, prefixes)))
+        after_turn()
+        for i, prefix in enumerate(prefixes):
+            prefix.append(int(turn.topk.ids[i, 0, step % 2]))
+
+
 def test_a_session_sends_only_new_tokens_and_answers_as_a_fresh_call(student_pool, models):
     """generate(sessions=True) keeps each row's request in the engine between calls: lockstep's next
     step sends one token per row, also where the coordinator wrote a token the model did not
@@ -95,17 +111,12 @@ def test_a_session_sends_only_new_tokens_and_answers_as_a_fresh_call(student_poo
 
     keys = ["session-a", "session-b", "session-c"]
     prefixes = [list(p) for p in models["prompts"][:3]]
-    for step in range(6):
-        turn = student_pool.generate(prefixes, 1, K, temperature=0.0, keys=keys, sessions=True).result()
-        fresh = student_pool.generate(prefixes, 1, K, temperature=0.0).result()
-        raise_errors(turn)
-        np.testing.assert_array_equal(turn.tokens, fresh.tokens)
-        np.testing.assert_allclose(turn.topk.logprobs, fresh.topk.logprobs, atol=1e-4)
-        assert turn.times.prompt_tokens == (len(prefixes) if step else sum(map(len, prefixes)))
-        info = ray.get(student_pool.actors[0].info.remote())  # each session holds KV for the prefix it was sent
+
+    def kv_held():  # each session holds KV for the prefix it was sent
+        info = ray.get(student_pool.actors[0].info.remote())
         assert info["sessions"] == 3 and info["session_tokens"] == sum(map(len, prefixes)) <= info["session_kv_tokens"]
-        for i, prefix in enumerate(prefixes):  # odd steps: a token the model did not pick (a hand-over)
-            prefix.append(int(turn.topk.ids[i, 0, step % 2]))
+
+    lockstep_turns_match_fresh_calls(student_pool, student_pool, prefixes, keys, 6, after_turn=kv_held)
 
     cut = [p[:-3] for p in prefixes]
     draft = student_pool.generate(cut, 4, K, temperature=0.0, keys=keys, sessions=True).result()
@@ -232,8 +243,8 @@ def test_a_verify_reads_the_prefix_cache_and_stays_exact(ray_cluster, cpu_engine
 
 def test_the_asyncllm_variant_answers_as_the_service(ray_cluster, cpu_engine, student_pool, models):
     """bench/round_trip.py and bench/rollout.py --async time the same engine served by vLLM's
-    AsyncLLM in an async actor: calls in flight together give ModelService's answers there, and
-    what it leaves out (sessions) is refused by name."""
+    AsyncLLM in an async actor: calls in flight together give ModelService's answers there, also
+    as sessions (vLLM's streaming input), which send only each turn's new tokens."""
     from dataclasses import replace
 
     from orchestrator.launcher import start_service
@@ -253,8 +264,13 @@ def test_the_asyncllm_variant_answers_as_the_service(ray_cluster, cpu_engine, st
             np.testing.assert_allclose(got.topk.logprobs, expected.topk.logprobs, atol=1e-4)
         np.testing.assert_array_equal(draft.tokens, expected_draft.tokens)
         np.testing.assert_array_equal(draft.finished_eos, expected_draft.finished_eos)
-        with pytest.raises(Exception, match="keeps no sessions"):
-            variant.generate(prompts[:1], 1, K, temperature=0.0, keys=["a"], sessions=True).result()
+        keys, prefixes = ["async-a", "async-b"], [list(p) for p in prompts[:2]]
+        lockstep_turns_match_fresh_calls(variant, student_pool, prefixes, keys, 3)
+        cut = [p[:-2] for p in prefixes]  # a draft cut short: its session starts over
+        draft = variant.generate(cut, 4, K, temperature=0.0, keys=keys, sessions=True).result()
+        assert draft.times.prompt_tokens == sum(map(len, cut))
+        np.testing.assert_array_equal(draft.tokens, student_pool.generate(cut, 4, K, temperature=0.0).result().tokens)
+        assert variant.end_sessions(keys[:1]) == 1 and variant.end_sessions() == 1
     finally:
         for actor in variant.actors:
             ray_cluster.kill(actor)
