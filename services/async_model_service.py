@@ -30,9 +30,9 @@ from dataclasses import dataclass
 
 from services.config import EngineConfig
 from services.metrics import vllm_stat_loggers
-from services.model_service import (MAX_SESSION_OUTPUTS, CallTimes, GenerateResult, ScoreResult, check_sequence,
-                                    engine_args, generate_arrays, generate_requests, rows_to_score_again,
-                                    score_arrays, score_errors, score_params)
+from services.model_service import (CallTimes, GenerateResult, ScoreResult, check_sequence, engine_args,
+                                    generate_arrays, generate_requests, rows_to_score_again, score_arrays,
+                                    score_errors, score_params, session_continues)
 from services.process_guard import guard_children
 
 
@@ -147,7 +147,6 @@ class AsyncModelService:
         times.cached_tokens += sum(out.num_cached_tokens or 0 for _, out in done)
         return dict(done)
 
-
     async def _run_turns(self, requests: dict, keys: dict, first: dict, times: CallTimes) -> dict:
         """Each request as a turn of its row's session; their outputs by index (``first``: where
         each row's outputs of this call begin)."""
@@ -162,8 +161,7 @@ class AsyncModelService:
         from vllm.inputs import TokensPrompt
 
         session = self._pop_session(key)
-        if session is not None and not (len(session.tokens) < len(tokens) and tokens[: len(session.tokens)] == session.tokens
-                                        and session.returned * (params.logprobs + 1) < MAX_SESSION_OUTPUTS):
+        if session is not None and not session_continues(session.tokens, session.returned, tokens, params.logprobs):
             await self._end_session(session)
             session = None
         if session is None:

@@ -409,8 +409,7 @@ class ModelService:
             self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=tokens), params)
             return request_id, len(tokens)
         session = self._pop_session(key)
-        if session is not None and not (len(session.tokens) < len(tokens) and tokens[: len(session.tokens)] == session.tokens
-                                        and session.outputs * (params.logprobs + 1) < MAX_SESSION_OUTPUTS):
+        if session is not None and not session_continues(session.tokens, session.outputs, tokens, params.logprobs):
             self._end_session(session)
             session = None
         sent = tokens[len(session.tokens):] if session else tokens
@@ -506,6 +505,14 @@ class ModelService:
                     outputs, index = self._owners.pop(out.request_id)
                     outputs[index] = out
             return True
+
+
+def session_continues(context: list[int], returned: int, tokens: list[int], logprobs: int) -> bool:
+    """Whether a kept session (KV for ``context``, ``returned`` tokens over its turns) can take
+    ``tokens`` as its next turn: they extend its context, and vLLM's accumulated logprob entries
+    stay within MAX_SESSION_OUTPUTS. Otherwise it ends and a new one starts from ``tokens``."""
+    return (len(context) < len(tokens) and tokens[: len(context)] == context
+            and returned * (logprobs + 1) < MAX_SESSION_OUTPUTS)
 
 
 def check_sequence(tokens, k: int, extra_tokens: int, max_model_len: int, vocab_size: int,
