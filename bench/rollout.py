@@ -157,9 +157,10 @@ def main() -> None:
             ro = Rollout(cfg_run.policy, cfg_run.rollout, teacher, student, eos, max_model_len, teacher.vocab_size)
             repeats = 1 if strategy == "lockstep" else args.repeats  # lockstep is the slow reference
             results[strategy] = fastest(ro, repeats)
-        for variant in args.rollout:
-            cfg_variant = load_config(args.config, [*run_overrides, "rollout.strategy=draft_verify",
-                                                    *(f"rollout.{change}" for change in variant.split(","))])
+        rollout_variants = {variant: load_config(args.config, [*run_overrides, "rollout.strategy=draft_verify",
+                                                               *(f"rollout.{change}" for change in variant.split(","))])
+                            for variant in args.rollout}
+        for variant, cfg_variant in rollout_variants.items():
             ro = Rollout(cfg_variant.policy, cfg_variant.rollout, teacher, student, eos, max_model_len,
                          teacher.vocab_size)
             results[f"rollout {variant}"] = fastest(ro)
@@ -168,9 +169,7 @@ def main() -> None:
                 ro = Rollout(cfg_run.policy, replace(cfg_run.rollout, strategy=strategy), *pair, eos, max_model_len,
                              teacher.vocab_size)
                 results[f"{variant} {strategy}"] = fastest(ro, 1 if strategy == "lockstep" else args.repeats)
-            for rollout_variant in args.rollout:
-                cfg_variant = load_config(args.config, [*run_overrides, "rollout.strategy=draft_verify",
-                                                        *(f"rollout.{change}" for change in rollout_variant.split(","))])
+            for rollout_variant, cfg_variant in rollout_variants.items():
                 ro = Rollout(cfg_variant.policy, cfg_variant.rollout, *pair, eos, max_model_len, teacher.vocab_size)
                 results[f"{variant} rollout {rollout_variant}"] = fastest(ro)
         dv_batch, dv_s, dv_cpu = results["draft_verify"]

@@ -32,7 +32,8 @@ from services.config import EngineConfig
 from services.metrics import vllm_stat_loggers
 from services.model_service import (CallTimes, GenerateResult, ScoreResult, check_sequence, engine_args,
                                     generate_arrays, generate_requests, rows_to_score_again, score_arrays,
-                                    score_errors, score_params, session_continues)
+                                    score_errors, score_params, session_continues,
+                                    session_kv_budget)
 from services.process_guard import guard_children
 
 
@@ -62,10 +63,8 @@ class AsyncModelService:
         self.vocab_size = self.engine.model_config.get_vocab_size()
         self.max_model_len, self.max_logprobs = engine.max_model_len, engine.max_logprobs
         self._request_counter = 0
-        # Kept sessions hold KV between calls: at most half the cache, as in ModelService.
-        scheduler, cache = self.engine.vllm_config.scheduler_config, self.engine.vllm_config.cache_config
-        self._max_num_seqs = scheduler.max_num_seqs
-        self._session_kv_tokens = engine.session_kv_tokens or (cache.num_gpu_blocks or 0) * cache.block_size // 2
+        self._max_num_seqs = self.engine.vllm_config.scheduler_config.max_num_seqs
+        self._session_kv_tokens = session_kv_budget(engine, self.engine.vllm_config)
         self._sessions: OrderedDict[object, _StreamSession] = OrderedDict()
         self._session_tokens = 0
         self._sessions_ended_for_room = 0

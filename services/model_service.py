@@ -160,11 +160,7 @@ class ModelService:
         self._step_token_budget = self.engine.vllm_config.scheduler_config.max_num_batched_tokens
         self._max_num_seqs = self.engine.vllm_config.scheduler_config.max_num_seqs
         self._supported_tasks = self.engine.get_supported_tasks()
-        # Sessions hold KV between calls, where vLLM cannot preempt them: together they keep at
-        # most half the cache (or engine.session_kv_tokens), so the calls in flight always find
-        # room (the oldest end first).
-        cache = self.engine.vllm_config.cache_config
-        self._session_kv_tokens = engine.session_kv_tokens or (cache.num_gpu_blocks or 0) * cache.block_size // 2
+        self._session_kv_tokens = session_kv_budget(engine, self.engine.vllm_config)
         self._incoming: dict | None = None  # the streamed weight load in progress
         self.weights_dir = Path(weights_dir) if weights_dir else None
         if self.weights_dir is not None:
@@ -505,6 +501,14 @@ class ModelService:
                     outputs, index = self._owners.pop(out.request_id)
                     outputs[index] = out
             return True
+
+
+def session_kv_budget(engine: EngineConfig, vllm_config) -> int:
+    """The KV tokens kept sessions may hold together. They hold it between calls, where vLLM cannot
+    preempt them: at most half the cache (or ``engine.session_kv_tokens``), so the calls in flight
+    always find room (the oldest sessions end first)."""
+    cache = vllm_config.cache_config
+    return engine.session_kv_tokens or (cache.num_gpu_blocks or 0) * cache.block_size // 2
 
 
 def session_continues(context: list[int], returned: int, tokens: list[int], logprobs: int) -> bool:
